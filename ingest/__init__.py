@@ -1,0 +1,1 @@
+"""The HTTP edge: verify DR's signature, queue the raw event, answer 202."""

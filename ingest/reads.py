@@ -1,0 +1,119 @@
+"""The read API (`/orders/{id}`, `/events/{id}`, `/events`) and readiness: bearer token,
+read-only queries."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ingest.publish import BrokerUnavailable, Publisher
+from ingest.responses import error, ok
+from models import store
+from models.db import make_engine
+from models.rules import Outcome
+from models.settings import Settings
+
+MAX_LIMIT = 1000
+
+
+def _engine(request: Request) -> Engine:
+    state = request.app.state
+    if state.engine is None:
+        settings: Settings = state.settings
+        state.engine = make_engine(settings.database_url or "", pool_size=4)
+    engine: Engine = state.engine
+    return engine
+
+
+def _authorized(request: Request) -> bool:
+    settings: Settings = request.app.state.settings
+    if settings.api_token is None:
+        return False
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    expected = settings.api_token.get_secret_value()
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), expected)
+
+
+async def _query(request: Request, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def run() -> Any:
+        with _engine(request).connect() as conn:
+            return fn(conn, *args, **kwargs)
+
+    return await run_in_threadpool(run)
+
+
+def _unauthorized() -> Response:
+    return error(
+        401,
+        "unauthorized",
+        "a valid bearer token is required",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+async def get_order(request: Request) -> Response:
+    """`GET /orders/{orderId}`: the order's refund summary."""
+    if not _authorized(request):
+        return _unauthorized()
+    order_id = request.path_params["order_id"]
+    try:
+        summary = await _query(request, store.order_summary, order_id)
+    except SQLAlchemyError:
+        return error(503, "database_unavailable", "the database is unreachable")
+    if summary is None:
+        return error(404, "not_found", "unknown order")
+    return ok(summary)
+
+
+async def get_event(request: Request) -> Response:
+    """`GET /events/{eventId}`: the event's processing record."""
+    if not _authorized(request):
+        return _unauthorized()
+    try:
+        record = await _query(request, store.event_record, request.path_params["event_id"])
+    except SQLAlchemyError:
+        return error(503, "database_unavailable", "the database is unreachable")
+    if record is None:
+        return error(404, "not_found", "unknown event")
+    return ok(record)
+
+
+async def list_events(request: Request) -> Response:
+    """`GET /events?outcome=failed&limit=N`: processing records, newest first."""
+    if not _authorized(request):
+        return _unauthorized()
+    outcome = request.query_params.get("outcome")
+    if outcome is not None and outcome not in {o.value for o in Outcome}:
+        allowed = ", ".join(o.value for o in Outcome)
+        return error(400, "invalid_outcome", f"outcome must be one of {allowed}")
+    raw_limit = request.query_params.get("limit", "100")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
+        return error(400, "invalid_limit", f"limit must be an integer from 1 to {MAX_LIMIT}")
+    try:
+        records = await _query(request, store.event_records, outcome=outcome, limit=int(raw_limit))
+    except SQLAlchemyError:
+        return error(503, "database_unavailable", "the database is unreachable")
+    return ok({"data": records})
+
+
+async def ready(request: Request) -> Response:
+    """`GET /readyz`: 200 when Redis and Postgres answer, else 503 naming the one that failed."""
+    publisher: Publisher = request.app.state.publisher
+    failed = []
+    try:
+        await run_in_threadpool(publisher.ping)
+    except BrokerUnavailable:
+        failed.append("redis")
+    try:
+        await _query(request, store.ping)
+    except SQLAlchemyError:
+        failed.append("postgres")
+    if failed:
+        return error(503, "not_ready", f"unreachable: {', '.join(failed)}")
+    return ok({"status": "ready"})

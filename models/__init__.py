@@ -1,0 +1,1 @@
+"""Settings, DR payload schemas, tables, error types and the pure refund rules."""

@@ -1,0 +1,24 @@
+"""The error tree: permanent errors are recorded and never retried; transient ones are."""
+
+
+class RefundSyncError(Exception):
+    """A refundsync error."""
+
+
+class ConfigError(RefundSyncError):
+    """The configuration is incomplete or invalid."""
+
+
+class PermanentError(RefundSyncError):
+    """Processing this event again would fail the same way; it is recorded as failed."""
+
+
+class InvalidEvent(PermanentError):
+    """The event is not valid for its type."""
+
+
+class TransientError(RefundSyncError):
+    """A passing failure (connection lost, deadlock, lock timeout); the event is retried."""
+
+    event_id: str = ""
+    event_type: str = ""

@@ -1,0 +1,27 @@
+"""Alembic environment: online migrations under an advisory lock, so that several
+processes running `refundsync migrate` at once (one per host) apply each step once."""
+
+from alembic import context
+from sqlalchemy import text
+
+from models.db import make_engine
+from models.tables import metadata
+
+# Any constant shared by every refundsync migrator.
+MIGRATION_LOCK = 0x7265_6675_6E64
+
+config = context.config
+engine = make_engine(config.get_main_option("sqlalchemy.url") or "", pool_size=1)
+
+with engine.connect() as connection:
+    connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+    connection.commit()
+    try:
+        context.configure(connection=connection, target_metadata=metadata)
+        with context.begin_transaction():
+            context.run_migrations()
+        connection.commit()
+    finally:
+        connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
+        connection.commit()
+engine.dispose()

@@ -1,0 +1,238 @@
+"""Pydantic schemas for DR's event envelope and the objects refundsync reads.
+
+Unknown fields are tolerated (DR adds fields without notice). Amounts arrive as JSON
+numbers in major units and are parsed as exact decimals, then rounded to the
+currency's minor unit once the currency is known.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any, TypeVar
+
+from pydantic import (
+    AliasChoices,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from models.errors import InvalidEvent
+from models.money import check_currency, to_minor_unit
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+Amount = Annotated[Decimal, Field(allow_inf_nan=False)]
+
+
+class RefundState(StrEnum):
+    """DR's refund states, verbatim."""
+
+    PENDING_INFORMATION = "pending_information"
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+
+class EntryState(StrEnum):
+    """States of a refund entry inside a Charge."""
+
+    PENDING_INFORMATION = "pending_information"
+    PENDING = "pending"
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+CHARGEBACK_TYPES = frozenset({"fraud_chargeback", "non_fraud_chargeback"})
+
+
+class _DRModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+M = TypeVar("M", bound=_DRModel)
+
+
+def _round(value: Decimal | None, currency: str) -> Decimal | None:
+    return None if value is None else to_minor_unit(value, currency)
+
+
+class RefundItem(_DRModel):
+    """One line of an item-level refund."""
+
+    amount: Amount | None = None
+    refundedAmount: Amount | None = None
+
+
+class Refund(_DRModel):
+    """DR's Refund object (`re_...`)."""
+
+    id: Id
+    orderId: Id | None = None
+    invoiceId: str | None = None
+    currency: str
+    state: RefundState
+    amount: Amount | None = None
+    refundedAmount: Amount | None = None
+    items: list[RefundItem] = Field(default_factory=list)
+    reason: Annotated[str, StringConstraints(max_length=1000)] | None = None
+    failureReason: Annotated[str, StringConstraints(max_length=1000)] | None = None
+    createdTime: AwareDatetime | None = None
+
+    @model_validator(mode="after")
+    def _exact_amounts(self) -> Refund:
+        currency = check_currency(self.currency)
+        items = [
+            RefundItem(
+                amount=_round(item.amount, currency),
+                refundedAmount=_round(item.refundedAmount, currency),
+            )
+            for item in self.items
+        ]
+        for value in (self.amount, self.refundedAmount, *(i.amount for i in items)):
+            if value is not None and value < 0:
+                raise InvalidEvent(f"refund amount {value} is negative")
+        object.__setattr__(self, "currency", currency)
+        object.__setattr__(self, "amount", _round(self.amount, currency))
+        object.__setattr__(self, "refundedAmount", _round(self.refundedAmount, currency))
+        object.__setattr__(self, "items", items)
+        return self
+
+    def requested_amount(self) -> Decimal:
+        """`amount`, or the sum of the item amounts for item-level refunds."""
+        if self.amount is not None:
+            return self.amount
+        return sum((i.amount for i in self.items if i.amount is not None), Decimal(0))
+
+    def refunded_amount(self) -> Decimal:
+        """`refundedAmount`, or the requested amount where DR left it out."""
+        if self.refundedAmount is not None:
+            return self.refundedAmount
+        return self.requested_amount()
+
+
+class ChargeRefundEntry(_DRModel):
+    """A refund entry inside a Charge. Not a Refund object and often without an id."""
+
+    id: Id | None = None
+    createdTime: AwareDatetime | None = None
+    amount: Amount
+    state: EntryState
+
+    @model_validator(mode="after")
+    def _identifiable(self) -> ChargeRefundEntry:
+        if self.id is None and self.createdTime is None:
+            raise InvalidEvent("charge refund entry has neither id nor createdTime")
+        return self
+
+
+class Charge(_DRModel):
+    """DR's Charge object."""
+
+    id: Id
+    orderId: Id | None = None
+    currency: str | None = None
+    refunds: list[ChargeRefundEntry] = Field(default_factory=list)
+
+    def rounded(self, currency: str) -> Charge:
+        """The charge with entry amounts in the currency's minor unit."""
+        entries = [
+            entry.model_copy(update={"amount": to_minor_unit(entry.amount, currency)})
+            for entry in self.refunds
+        ]
+        for entry in entries:
+            if entry.amount < 0:
+                raise InvalidEvent(f"charge refund amount {entry.amount} is negative")
+        return self.model_copy(update={"refunds": entries})
+
+
+class Payment(_DRModel):
+    """The payment block of an Order."""
+
+    charges: list[Charge] = Field(default_factory=list)
+
+
+class Order(_DRModel):
+    """DR's Order object: the figures that matter for refunds."""
+
+    id: Id
+    currency: str
+    totalAmount: Amount | None = None
+    refundedAmount: Amount | None = None
+    availableToRefundAmount: Amount | None = None
+    payment: Payment | None = None
+
+    @model_validator(mode="after")
+    def _exact_amounts(self) -> Order:
+        currency = check_currency(self.currency)
+        object.__setattr__(self, "currency", currency)
+        for name in ("totalAmount", "refundedAmount", "availableToRefundAmount"):
+            object.__setattr__(self, name, _round(getattr(self, name), currency))
+        return self
+
+
+class SalesTransaction(_DRModel):
+    """DR's SalesTransaction object (one per fulfilled line; chargebacks are a type)."""
+
+    id: Id
+    type: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    orderId: Id
+    currency: str
+    amount: Amount
+
+    @model_validator(mode="after")
+    def _exact_amounts(self) -> SalesTransaction:
+        currency = check_currency(self.currency)
+        object.__setattr__(self, "currency", currency)
+        object.__setattr__(self, "amount", to_minor_unit(self.amount, currency))
+        return self
+
+
+class EventData(_DRModel):
+    """`data` of an event."""
+
+    object: dict[str, Any]
+
+
+class Envelope(_DRModel):
+    """A DR event as delivered to the webhook."""
+
+    id: Id
+    type: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    createdTime: AwareDatetime
+    liveMode: bool | None = None
+    data: EventData
+    digitalriverVersion: str | None = Field(
+        default=None, validation_alias=AliasChoices("digitalriverVersion", "digitalRiverVersion")
+    )
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def load_json(raw: str | bytes) -> Any:
+    """Parse JSON with exact decimals; NaN and Infinity are refused."""
+    return json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
+
+
+def parse_object(model: type[M], data: object) -> M:
+    """Validate `data` as `model`, turning every validation problem into InvalidEvent."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or model.__name__
+        raise InvalidEvent(f"{model.__name__}.{where}: {error['msg']}") from None
+
+
+def as_utc(value: datetime) -> datetime:
+    """Event times compare as instants; normalise to UTC for storage and display."""
+    return value.astimezone(UTC)

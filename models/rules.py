@@ -1,0 +1,519 @@
+"""The pure refund rules: which event may replace which state, and the order summary.
+
+Everything here is a function of values. The stored state of an order is a pure function
+of the *set* of distinct events applied to it: each refund (and charge refund entry) keeps
+the version with the greatest `(rank, event createdTime, event id)`, DR order figures keep
+the newest event's value, and a chargeback never reverts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+from models.errors import InvalidEvent
+from models.money import zero
+from models.payloads import (
+    CHARGEBACK_TYPES,
+    Charge,
+    ChargeRefundEntry,
+    EntryState,
+    Envelope,
+    Order,
+    Refund,
+    RefundState,
+    SalesTransaction,
+    as_utc,
+    parse_object,
+)
+from models.settings import LiveMode
+
+
+class Outcome(StrEnum):
+    """What processing did with an event."""
+
+    QUEUED = "queued"
+    APPLIED = "applied"
+    STALE = "stale"
+    IGNORED = "ignored"
+    FAILED = "failed"
+
+
+FINAL_OUTCOMES = frozenset({Outcome.APPLIED, Outcome.STALE, Outcome.IGNORED, Outcome.FAILED})
+
+REFUND_RANK: Mapping[RefundState, int] = {
+    RefundState.PENDING_INFORMATION: 1,
+    RefundState.PENDING: 2,
+    RefundState.SUCCEEDED: 3,
+    RefundState.FAILED: 3,
+    RefundState.EXPIRED: 3,
+}
+ENTRY_RANK: Mapping[EntryState, int] = {
+    EntryState.PENDING_INFORMATION: 1,
+    EntryState.PENDING: 2,
+    EntryState.COMPLETE: 3,
+    EntryState.FAILED: 3,
+}
+PENDING_STATES = frozenset({RefundState.PENDING, RefundState.PENDING_INFORMATION})
+
+REFUND_EVENTS = frozenset(
+    {
+        "refund.pending",
+        "refund.pending_information",
+        "refund.complete",
+        "refund.failed",
+        "refund.updated",
+    }
+)
+CHARGE_REFUND_EVENTS = frozenset(
+    {"order.charge.refund.pending", "order.charge.refund.complete", "order.charge.refund.failed"}
+)
+HANDLED_EVENTS = (
+    REFUND_EVENTS
+    | CHARGE_REFUND_EVENTS
+    | {
+        "order.refunded",
+        "order.chargeback",
+        "sales_transaction.created",
+    }
+)
+
+
+@dataclass(frozen=True, order=True)
+class EventRef:
+    """An event's place in time: events compare by createdTime as an instant, then id."""
+
+    time: datetime
+    id: str
+
+
+@dataclass(frozen=True)
+class RefundRow:
+    """What we keep of one DR refund."""
+
+    id: str
+    state: RefundState
+    amount: Decimal
+    refunded_amount: Decimal
+    reason: str | None
+    failure_reason: str | None
+    created_time: datetime | None
+    event: EventRef
+
+    def version(self) -> tuple[int, EventRef]:
+        return (REFUND_RANK[self.state], self.event)
+
+
+@dataclass(frozen=True)
+class ChargeRefundRow:
+    """One refund entry of a charge. Keyed by its id, else by `createdTime|amount`."""
+
+    charge_id: str
+    entry_key: str
+    entry_id: str | None
+    created_time: datetime | None
+    amount: Decimal
+    state: EntryState
+    event: EventRef
+
+    def version(self) -> tuple[int, EventRef]:
+        return (ENTRY_RANK[self.state], self.event)
+
+
+@dataclass(frozen=True)
+class ChargebackRow:
+    """A chargeback sales transaction; amount is absolute (DR's sign is undocumented)."""
+
+    id: str
+    type: str
+    amount: Decimal
+    event: EventRef
+
+
+@dataclass(frozen=True)
+class Figure:
+    """An order-level figure from DR and the event that carried it."""
+
+    value: Decimal
+    event: EventRef
+
+
+@dataclass(frozen=True)
+class OrderState:
+    """Everything stored for one order, as plain values."""
+
+    order_id: str
+    currency: str | None = None
+    refunds: Mapping[str, RefundRow] = field(default_factory=dict)
+    charge_refunds: Mapping[tuple[str, str], ChargeRefundRow] = field(default_factory=dict)
+    chargebacks: Mapping[str, ChargebackRow] = field(default_factory=dict)
+    chargeback_event: EventRef | None = None
+    dr_refunded: Figure | None = None
+    dr_available: Figure | None = None
+    dr_total: Figure | None = None
+
+
+@dataclass(frozen=True)
+class Change:
+    """One applied state change, for the history table."""
+
+    entity: str
+    entity_id: str
+    from_state: str | None
+    to_state: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one handled event asks of one order."""
+
+    order_id: str
+    currency: str
+    refund: Refund | None = None
+    charges: tuple[Charge, ...] = ()
+    order: Order | None = None
+    chargeback: bool = False
+    sales_transaction: SalesTransaction | None = None
+
+
+@dataclass(frozen=True)
+class Ignore:
+    """The event changes nothing, and why."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The state after an event, and what changed."""
+
+    state: OrderState
+    changes: tuple[Change, ...]
+
+    @property
+    def outcome(self) -> Outcome:
+        return Outcome.APPLIED if self.changes else Outcome.STALE
+
+
+def interpret(envelope: Envelope, live_mode: LiveMode) -> Plan | Ignore:
+    """Read an event into a Plan, or say why it is ignored. Raises InvalidEvent."""
+    if envelope.type not in HANDLED_EVENTS:
+        return Ignore(f"event type {envelope.type} is not handled")
+    if live_mode != "any" and envelope.liveMode is not (live_mode == "live"):
+        return Ignore(f"liveMode={envelope.liveMode} filtered by DR_LIVE_MODE={live_mode}")
+    obj = envelope.data.object
+    if envelope.type in REFUND_EVENTS:
+        refund = parse_object(Refund, obj)
+        if refund.orderId is None:
+            return Ignore("refund belongs to no order (an invoice refund)")
+        return Plan(order_id=refund.orderId, currency=refund.currency, refund=refund)
+    if envelope.type in CHARGE_REFUND_EVENTS:
+        if "payment" in obj:
+            order = parse_object(Order, obj)
+            charges = order.payment.charges if order.payment else []
+            return Plan(
+                order_id=order.id,
+                currency=order.currency,
+                order=order,
+                charges=tuple(c.rounded(order.currency) for c in charges),
+            )
+        charge = parse_object(Charge, obj)
+        if charge.orderId is None or charge.currency is None:
+            raise InvalidEvent("data.object: a Charge needs orderId and currency")
+        currency = parse_object(Order, {"id": charge.orderId, "currency": charge.currency}).currency
+        return Plan(order_id=charge.orderId, currency=currency, charges=(charge.rounded(currency),))
+    if envelope.type == "order.chargeback":
+        if "orderId" in obj:
+            sale = parse_object(SalesTransaction, obj)
+            return Plan(
+                order_id=sale.orderId,
+                currency=sale.currency,
+                chargeback=True,
+                sales_transaction=sale if sale.type in CHARGEBACK_TYPES else None,
+            )
+        order = parse_object(Order, obj)
+        return Plan(order_id=order.id, currency=order.currency, order=order, chargeback=True)
+    if envelope.type == "order.refunded":
+        order = parse_object(Order, obj)
+        return Plan(order_id=order.id, currency=order.currency, order=order)
+    # sales_transaction.created
+    sale = parse_object(SalesTransaction, obj)
+    if sale.type not in CHARGEBACK_TYPES:
+        return Ignore(f"sales transaction type {sale.type} is not a chargeback")
+    return Plan(order_id=sale.orderId, currency=sale.currency, sales_transaction=sale)
+
+
+def apply(state: OrderState, event: EventRef, plan: Plan) -> Decision:
+    """Apply one event's plan to an order's state under the convergence rule."""
+    if state.currency is not None and state.currency != plan.currency:
+        raise InvalidEvent(
+            f"event currency {plan.currency} differs from order currency {state.currency}"
+        )
+    changes: list[Change] = []
+    state = replace(state, currency=plan.currency)
+    if plan.refund is not None:
+        state = _apply_refund(state, event, plan.refund, changes)
+    for charge in plan.charges:
+        for entry in charge.refunds:
+            state = _apply_entry(state, event, charge.id, entry, changes)
+    if plan.order is not None:
+        state = _apply_figures(state, event, plan.order, changes)
+    if plan.chargeback and (state.chargeback_event is None or event < state.chargeback_event):
+        # The earliest order.chargeback is kept so the stored event does not depend on
+        # arrival order; the status itself never reverts.
+        before = "charged_back" if state.chargeback_event else "none"
+        state = replace(state, chargeback_event=event)
+        changes.append(Change("order", state.order_id, before, "charged_back"))
+    if plan.sales_transaction is not None:
+        state = _apply_chargeback(state, event, plan.sales_transaction, changes)
+    return Decision(state, tuple(changes))
+
+
+def _apply_refund(
+    state: OrderState, event: EventRef, refund: Refund, changes: list[Change]
+) -> OrderState:
+    stored = state.refunds.get(refund.id)
+    requested = refund.requested_amount()
+    if refund.refundedAmount is not None:
+        refunded = refund.refundedAmount
+    elif refund.state is RefundState.SUCCEEDED:
+        refunded = requested
+    else:
+        refunded = Decimal(0)
+    row = RefundRow(
+        id=refund.id,
+        state=refund.state,
+        amount=requested,
+        refunded_amount=refunded,
+        reason=refund.reason,
+        failure_reason=refund.failureReason,
+        created_time=as_utc(refund.createdTime) if refund.createdTime else None,
+        event=event,
+    )
+    if stored is not None and row.version() <= stored.version():
+        return state
+    changes.append(Change("refund", refund.id, stored.state if stored else None, row.state))
+    return replace(state, refunds={**state.refunds, refund.id: row})
+
+
+def _entry_key(entry: ChargeRefundEntry) -> str:
+    if entry.id is not None:
+        return entry.id
+    return f"{iso(entry.createdTime)}|{entry.amount}"
+
+
+def _find_entry(
+    rows: Mapping[tuple[str, str], ChargeRefundRow], charge_id: str, entry: ChargeRefundEntry
+) -> ChargeRefundRow | None:
+    """The stored entry this observation is about.
+
+    Charges inside an Order often omit entry ids that the Charge itself shows, so an entry
+    without an id matches a stored one with the same createdTime and amount, and an entry
+    with an id adopts a stored id-less one with the same createdTime and amount.
+    """
+    if entry.id is not None and (charge_id, entry.id) in rows:
+        return rows[(charge_id, entry.id)]
+    created = as_utc(entry.createdTime) if entry.createdTime else None
+    if created is None:
+        return None
+    same = sorted(
+        (
+            row
+            for row in rows.values()
+            if row.charge_id == charge_id
+            and row.created_time == created
+            and row.amount == entry.amount
+            and (entry.id is None or row.entry_id is None)
+        ),
+        key=lambda row: (row.entry_id is None, row.entry_key),
+    )
+    return same[0] if same else None
+
+
+def _apply_entry(
+    state: OrderState,
+    event: EventRef,
+    charge_id: str,
+    entry: ChargeRefundEntry,
+    changes: list[Change],
+) -> OrderState:
+    stored = _find_entry(state.charge_refunds, charge_id, entry)
+    entry_id = entry.id or (stored.entry_id if stored else None)
+    key = entry_id or (stored.entry_key if stored else _entry_key(entry))
+    candidate = ChargeRefundRow(
+        charge_id=charge_id,
+        entry_key=key,
+        entry_id=entry_id,
+        created_time=as_utc(entry.createdTime) if entry.createdTime else None,
+        amount=entry.amount,
+        state=entry.state,
+        event=event,
+    )
+    rows = dict(state.charge_refunds)
+    if stored is None:
+        row = candidate
+    elif candidate.version() > stored.version():
+        row = candidate
+        del rows[(charge_id, stored.entry_key)]
+    elif key != stored.entry_key:
+        # An id learnt from a newer snapshot's older version: keep the state, take the id.
+        row = replace(stored, entry_key=key, entry_id=entry_id)
+        del rows[(charge_id, stored.entry_key)]
+    else:
+        return state
+    rows[(charge_id, key)] = row
+    changes.append(
+        Change("charge_refund", f"{charge_id}/{key}", stored.state if stored else None, row.state)
+    )
+    return replace(state, charge_refunds=rows)
+
+
+_FIGURES = (
+    ("dr_refunded", "refundedAmount"),
+    ("dr_available", "availableToRefundAmount"),
+    ("dr_total", "totalAmount"),
+)
+
+
+def _apply_figures(
+    state: OrderState, event: EventRef, order: Order, changes: list[Change]
+) -> OrderState:
+    for attr, dr_name in _FIGURES:
+        value: Decimal | None = getattr(order, dr_name)
+        stored: Figure | None = getattr(state, attr)
+        if value is None or (stored is not None and event <= stored.event):
+            continue
+        updates: dict[str, Any] = {attr: Figure(value, event)}
+        state = replace(state, **updates)
+        changes.append(
+            Change(
+                "order_figure",
+                f"{state.order_id}/{dr_name}",
+                str(stored.value) if stored else None,
+                str(value),
+            )
+        )
+    return state
+
+
+def _apply_chargeback(
+    state: OrderState, event: EventRef, sale: SalesTransaction, changes: list[Change]
+) -> OrderState:
+    stored = state.chargebacks.get(sale.id)
+    if stored is not None and event <= stored.event:
+        return state
+    row = ChargebackRow(id=sale.id, type=sale.type, amount=abs(sale.amount), event=event)
+    changes.append(Change("chargeback", sale.id, stored.type if stored else None, sale.type))
+    return replace(state, chargebacks={**state.chargebacks, sale.id: row})
+
+
+def refund_status(state: OrderState) -> str:
+    """The order's refundStatus, by the contract's first-rule-that-holds list."""
+    refunded_total = max(refunded_amount(state), _value(state.dr_refunded) or Decimal(0))
+    if state.chargeback_event is not None:
+        return "charged_back"
+    if refunded_total > 0:
+        available, total = _value(state.dr_available), _value(state.dr_total)
+        if available == 0 or (total is not None and refunded_total >= total):
+            return "refunded"
+        return "partially_refunded"
+    refunds = state.refunds.values()
+    if any(r.state in PENDING_STATES for r in refunds):
+        return "pending"
+    if refunds and all(r.state in (RefundState.FAILED, RefundState.EXPIRED) for r in refunds):
+        return "failed"
+    return "none"
+
+
+def refunded_amount(state: OrderState) -> Decimal:
+    """Sum of the refunded amounts of succeeded refunds."""
+    return _money(
+        state,
+        (r.refunded_amount for r in state.refunds.values() if r.state is RefundState.SUCCEEDED),
+    )
+
+
+def pending_refund_amount(state: OrderState) -> Decimal:
+    """Sum of the requested amounts of refunds still pending."""
+    return _money(state, (r.amount for r in state.refunds.values() if r.state in PENDING_STATES))
+
+
+def last_event(state: OrderState) -> EventRef | None:
+    """The newest event behind the current state (a function of the state, not of arrival)."""
+    refs = [
+        *(r.event for r in state.refunds.values()),
+        *(r.event for r in state.charge_refunds.values()),
+        *(r.event for r in state.chargebacks.values()),
+        *(f.event for f in (state.dr_refunded, state.dr_available, state.dr_total) if f),
+    ]
+    if state.chargeback_event is not None:
+        refs.append(state.chargeback_event)
+    return max(refs, default=None)
+
+
+def summarize(state: OrderState, updated_at: datetime | None = None) -> dict[str, Any]:
+    """The order refund summary, exactly in the contract's JSON shape."""
+    last = last_event(state)
+    return {
+        "orderId": state.order_id,
+        "currency": state.currency,
+        "refundStatus": refund_status(state),
+        "refundedAmount": str(refunded_amount(state)),
+        "pendingRefundAmount": str(pending_refund_amount(state)),
+        "drRefundedAmount": str(state.dr_refunded.value) if state.dr_refunded else None,
+        "chargebackStatus": "charged_back" if state.chargeback_event else "none",
+        "chargebackAmount": str(_money(state, (c.amount for c in state.chargebacks.values()))),
+        "refunds": [
+            {
+                "id": r.id,
+                "state": r.state.value,
+                "amount": str(r.amount),
+                "refundedAmount": str(r.refunded_amount),
+                "reason": r.reason,
+                "failureReason": r.failure_reason,
+                "createdTime": iso(r.created_time),
+                "lastEventId": r.event.id,
+                "lastEventTime": iso(r.event.time),
+            }
+            for r in sorted(state.refunds.values(), key=_refund_order)
+        ],
+        "chargeRefunds": [
+            {
+                "chargeId": e.charge_id,
+                "entryKey": e.entry_key,
+                "state": e.state.value,
+                "amount": str(e.amount),
+            }
+            for e in sorted(state.charge_refunds.values(), key=lambda e: (e.charge_id, e.entry_key))
+        ],
+        "chargebacks": [
+            {"id": c.id, "type": c.type, "amount": str(c.amount)}
+            for c in sorted(state.chargebacks.values(), key=lambda c: c.id)
+        ],
+        "lastEventId": last.id if last else None,
+        "lastEventTime": iso(last.time) if last else None,
+        "updatedAt": iso(updated_at),
+    }
+
+
+def iso(value: datetime | None) -> str | None:
+    """An instant as ISO-8601 UTC with a `Z`, as DR writes them."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _refund_order(row: RefundRow) -> tuple[datetime, str]:
+    return (row.created_time or datetime.min.replace(tzinfo=UTC), row.id)
+
+
+def _value(figure: Figure | None) -> Decimal | None:
+    return figure.value if figure else None
+
+
+def _money(state: OrderState, amounts: Iterable[Decimal]) -> Decimal:
+    return sum(amounts, zero(state.currency))

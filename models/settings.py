@@ -1,0 +1,82 @@
+"""Configuration from the environment (or a `.env` file), as the public contract names it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from models.errors import ConfigError
+
+LiveMode = Literal["live", "test", "any"]
+
+
+class Settings(BaseSettings):
+    """Every setting refundsync reads. Which ones are required depends on the process."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    database_url: str | None = Field(default=None, alias="DATABASE_URL")
+    redis_url: str | None = Field(default=None, alias="REDIS_URL")
+    dr_webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, alias="DR_WEBHOOK_SECRETS"
+    )
+    dr_signature_tolerance_seconds: int = Field(
+        default=300, ge=1, alias="DR_SIGNATURE_TOLERANCE_SECONDS"
+    )
+    dr_live_mode: LiveMode = Field(default="any", alias="DR_LIVE_MODE")
+    api_token: SecretStr | None = Field(default=None, alias="REFUNDSYNC_API_TOKEN")
+    dr_api_base_url: str = Field(default="https://api.digitalriver.com", alias="DR_API_BASE_URL")
+    dr_api_key: SecretStr | None = Field(default=None, alias="DR_API_KEY")
+    max_body_bytes: int = Field(default=1_048_576, ge=1, alias="REFUNDSYNC_MAX_BODY_BYTES")
+    max_attempts: int = Field(default=8, ge=1, alias="REFUNDSYNC_MAX_ATTEMPTS")
+    queue: str = Field(default="refundsync", min_length=1, alias="REFUNDSYNC_QUEUE")
+
+    @field_validator("dr_webhook_secrets", mode="before")
+    @classmethod
+    def _split_secrets(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_token", "dr_api_key", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def secrets(self) -> list[str]:
+        """The webhook signing secrets in clear, for the signature check only."""
+        return [secret.get_secret_value() for secret in self.dr_webhook_secrets]
+
+
+_REQUIRED = {
+    "DATABASE_URL": lambda s: s.database_url,
+    "REDIS_URL": lambda s: s.redis_url,
+    "DR_WEBHOOK_SECRETS": lambda s: s.dr_webhook_secrets,
+}
+
+
+def load_settings(*required: str) -> Settings:
+    """Read the settings and check that the named variables are set.
+
+    Raises ConfigError with one line naming what is missing or invalid.
+    """
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0]) if error["loc"] else "configuration"
+        raise ConfigError(f"{name} is invalid: {error['msg']}") from None
+    missing = [name for name in required if not _REQUIRED[name](settings)]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} must be set (see README, Configuration)")
+    return settings
+
+
+def load_or_exit(*required: str) -> Settings:
+    """Like load_settings, but a process edge: stop with one clear line, never a traceback."""
+    try:
+        return load_settings(*required)
+    except ConfigError as exc:
+        raise SystemExit(f"refundsync: {exc}") from None

@@ -1,0 +1,61 @@
+"""The Celery app (`celery -A worker.app worker|beat|flower`).
+
+Celery with Redis delivers at least once; these settings make sure that "at least" holds
+even when a worker dies, and the convergence rule makes the "more than once" harmless.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from models.settings import load_or_exit
+
+settings = load_or_exit("REDIS_URL")
+
+# A message a dead worker held is restored to the queue once it has been unacknowledged
+# this long; restoration is checked about every 10 s, so a lost worker's events are back
+# in well under the 5 minutes the design promises.
+VISIBILITY_TIMEOUT_S = 120
+# Every task is far inside the visibility timeout: statements and lock waits are bounded
+# (models.db) and this hard limit kills anything else.
+TASK_TIME_LIMIT_S = 60
+# Retry countdowns wait in the worker while their message counts as unacknowledged, so the
+# longest one must stay below the visibility timeout or the message would be run twice.
+MAX_RETRY_COUNTDOWN_S = 60
+
+app = Celery("refundsync", set_as_current=True)
+app.conf.update(
+    broker_url=settings.redis_url,
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={
+        "visibility_timeout": VISIBILITY_TIMEOUT_S,
+        "socket_connect_timeout": 5,
+        "socket_timeout": 15,
+        "health_check_interval": 25,
+    },
+    task_default_queue=settings.queue,
+    task_serializer="json",
+    accept_content=["json"],
+    result_backend=None,
+    task_ignore_result=True,
+    # Acknowledge only after the event's outcome is committed; a worker process that dies
+    # mid-task leaves its message to be delivered again.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    # Hold one message per process at a time: a dead worker strands as few as possible.
+    worker_prefetch_multiplier=1,
+    task_time_limit=TASK_TIME_LIMIT_S,
+    worker_send_task_events=True,
+    task_send_sent_event=False,
+    enable_utc=True,
+)
+app.autodiscover_tasks(["worker"], related_name="tasks", force=True)
+
+
+@worker_process_init.connect
+def _after_fork(**_: object) -> None:
+    # Connections must never cross a fork; each pool process opens its own.
+    from worker import processing
+
+    processing.reset_engine()

@@ -1,0 +1,196 @@
+"""The `refundsync` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+import click
+from sqlalchemy.exc import SQLAlchemyError
+
+from models.db import describe
+from models.errors import ConfigError
+from models.settings import Settings, load_settings
+
+PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"refundsync: {message}", err=True)
+    sys.exit(1)
+
+
+def _settings(*required: str) -> Settings:
+    try:
+        return load_settings(*required)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=False))
+
+
+@click.group(help="Keep order refund data in sync with Digital River webhooks.")
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+@main.command(help="Apply the database migrations (Alembic upgrade head).")
+def migrate() -> None:
+    from models.migrate import upgrade
+
+    settings = _settings("DATABASE_URL")
+    try:
+        upgrade(settings.database_url or "")
+    except SQLAlchemyError as exc:
+        _fail(f"migration failed: {describe(exc)}")
+    click.echo("refundsync: database schema is up to date")
+
+
+@main.command(help="Serve the webhook endpoint and read API.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
+def ingest(host: str, port: int, workers: int) -> None:
+    import uvicorn
+
+    _settings("REDIS_URL", "DATABASE_URL", "DR_WEBHOOK_SECRETS")
+    uvicorn.run(
+        "ingest.app:app",
+        host=host,
+        port=port,
+        workers=workers,
+        server_header=False,
+        log_level="info",
+        access_log=False,
+    )
+
+
+@main.command(
+    context_settings=PASS_THROUGH,
+    help="Run a Celery worker; other options (e.g. --concurrency N) go to Celery.",
+)
+@click.pass_context
+def worker(ctx: click.Context) -> None:
+    _settings("REDIS_URL", "DATABASE_URL")
+    from worker.app import app
+
+    app.worker_main(["worker", "--loglevel", "INFO", *ctx.args])
+
+
+@main.command(context_settings=PASS_THROUGH, help="Run Celery beat (periodic tasks).")
+@click.pass_context
+def beat(ctx: click.Context) -> None:
+    _settings("REDIS_URL", "DATABASE_URL")
+    from worker.app import app
+
+    app.start(["beat", "--loglevel", "INFO", *ctx.args])
+
+
+@main.command(help="Migrate, then run ingest, a worker and beat together; Ctrl-C stops all.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.pass_context
+def run(ctx: click.Context, host: str, port: int, data_dir: Path | None) -> None:
+    _settings("REDIS_URL", "DATABASE_URL", "DR_WEBHOOK_SECRETS")
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    ctx.invoke(migrate)
+    me = [sys.executable, "-m", "worker.cli"]
+    commands = [
+        [*me, "ingest", "--host", host, "--port", str(port)],
+        [*me, "worker", "--concurrency", "2", "--hostname", "refundsync@%h"],
+        [*me, "beat", *(["--schedule", str(data_dir / "celerybeat-schedule")] if data_dir else [])],
+    ]
+    children = [subprocess.Popen(command) for command in commands]  # noqa: S603
+    click.echo(f"refundsync: webhook URL http://{host}:{port}/webhooks/digital-river")
+
+    def stop(signum: int, _: FrameType | None) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    while all(child.poll() is None for child in children):
+        time.sleep(0.5)
+    stop(signal.SIGTERM, None)
+    codes = [child.wait() for child in children]
+    sys.exit(max((abs(code) for code in codes), default=0) and 1)
+
+
+@main.group(help="Look at one order.")
+def order() -> None:
+    pass
+
+
+@order.command("show", help="Print an order's refund summary as JSON.")
+@click.argument("order_id")
+def order_show(order_id: str) -> None:
+    from models import store
+
+    summary = _read(store.order_summary, order_id)
+    if summary is None:
+        _fail(f"order {order_id} not found")
+    _print_json(summary)
+
+
+@main.group(help="Look at processed events.")
+def events() -> None:
+    pass
+
+
+@events.command("show", help="Print an event's processing record as JSON.")
+@click.argument("event_id")
+def events_show(event_id: str) -> None:
+    from models import store
+
+    record = _read(store.event_record, event_id)
+    if record is None:
+        _fail(f"event {event_id} not found")
+    _print_json(record)
+
+
+@events.command("failed", help="List failed (dead-lettered) events, newest first.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10_000))
+def events_failed(limit: int) -> None:
+    from models import store
+
+    _print_json(_read(store.event_records, outcome="failed", limit=limit))
+
+
+def _read(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    from models.db import make_engine
+
+    settings = _settings("DATABASE_URL")
+    engine = make_engine(settings.database_url or "", pool_size=1)
+    try:
+        with engine.connect() as conn:
+            return fn(conn, *args, **kwargs)
+    except SQLAlchemyError as exc:
+        _fail(f"database unavailable: {describe(exc)}")
+    finally:
+        engine.dispose()
+
+
+@main.command(help="Print a DigitalRiver-Signature header value for a payload file.")
+@click.option("--secret", required=True, help="A webhook signing secret.")
+@click.option("--timestamp", type=int, default=None, help="Unix seconds (default: now).")
+@click.argument("file", type=click.File("rb"))
+def sign(secret: str, timestamp: int | None, file: Any) -> None:
+    from ingest.signature import sign as make_signature
+
+    click.echo(make_signature(secret, file.read(), timestamp))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Which database failures are worth another attempt."""
+
+from __future__ import annotations
+
+import psycopg.errors
+from sqlalchemy import exc as sa_exc
+
+from models.errors import PermanentError, TransientError
+
+_TRANSIENT_SQLSTATES = (
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.LockNotAvailable,
+    psycopg.errors.QueryCanceled,  # statement_timeout
+    psycopg.errors.AdminShutdown,
+    psycopg.errors.CannotConnectNow,
+    psycopg.errors.TooManyConnections,
+)
+
+
+def classify(exc: sa_exc.DBAPIError) -> TransientError | PermanentError:
+    """A typed error for a database failure: transient ones are retried, others recorded."""
+    if (
+        exc.connection_invalidated
+        or isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)
+        or isinstance(exc.orig, _TRANSIENT_SQLSTATES)
+    ):
+        return TransientError(f"database: {type(exc.orig).__name__}: {_first_line(exc.orig)}")
+    return PermanentError(f"database refused the event: {_first_line(exc.orig)}")
+
+
+def _first_line(error: BaseException | None) -> str:
+    return str(error).splitlines()[0][:300] if error and str(error) else "(no message)"

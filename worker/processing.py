@@ -1,0 +1,240 @@
+"""The unit of work: one event, one transaction that applies it.
+
+A copy of an event is first counted in its own short transaction (so attempts survive a
+worker killed mid-task), then applied in one transaction that locks the event row (so
+concurrent copies wait and then see the outcome) and the order row (so events for one
+order apply one at a time), runs the pure rules and records the outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+from pydantic import AwareDatetime, TypeAdapter, ValidationError
+from sqlalchemy import Connection, Engine
+from sqlalchemy import exc as sa_exc
+
+from models import store
+from models.db import make_engine, transaction
+from models.errors import InvalidEvent, PermanentError, TransientError
+from models.payloads import Envelope, as_utc, load_json
+from models.rules import FINAL_OUTCOMES, EventRef, Ignore, Outcome, Plan, apply, interpret
+from models.settings import Settings, load_settings
+from worker.errors import classify
+
+log = logging.getLogger("refundsync.worker")
+
+T = TypeVar("T")
+
+_engine: Engine | None = None
+_CREATED_TIME = TypeAdapter(AwareDatetime)
+
+
+def reset_engine() -> None:
+    """Forget the engine (after a fork); the next use opens a fresh pool."""
+    global _engine
+    _engine = None
+
+
+def engine(settings: Settings) -> Engine:
+    """This process's engine, created on first use."""
+    global _engine
+    if _engine is None:
+        if not settings.database_url:
+            load_settings("DATABASE_URL")
+        _engine = make_engine(settings.database_url or "", pool_size=2)
+    return _engine
+
+
+@dataclass(frozen=True)
+class Result:
+    """What happened to one copy of an event."""
+
+    event_id: str | None
+    outcome: Outcome | None
+    duplicate: bool = False
+    reason: str | None = None
+
+
+def header_of(data: Any) -> store.EventHeader:
+    """The fields needed to record an event at all; anything less is unrecordable."""
+    if not isinstance(data, dict):
+        raise InvalidEvent("event is not a JSON object")
+    event_id, event_type = data.get("id"), data.get("type")
+    if not isinstance(event_id, str) or not event_id or len(event_id) > 255:
+        raise InvalidEvent("event has no usable string id")
+    if not isinstance(event_type, str) or not event_type or len(event_type) > 255:
+        raise InvalidEvent("event has no usable string type")
+    live = data.get("liveMode")
+    created: datetime | None
+    try:
+        created = _CREATED_TIME.validate_python(data.get("createdTime"))
+    except ValidationError:
+        created = None
+    return store.EventHeader(
+        id=event_id,
+        type=event_type,
+        created_time=as_utc(created) if created else None,
+        live_mode=live if isinstance(live, bool) else None,
+    )
+
+
+def _db(call: Callable[[], T]) -> T:
+    """Run a database step, turning driver failures into the typed error tree."""
+    try:
+        return call()
+    except sa_exc.DBAPIError as exc:
+        raise classify(exc) from exc
+
+
+def process(
+    settings: Settings,
+    body: str,
+    *,
+    received_at: datetime,
+    source: str,
+    new_copy: bool,
+) -> Result:
+    """Apply one copy of an event. Raises TransientError when it should be tried again."""
+    try:
+        data = load_json(body)
+        header = header_of(data)
+    except (ValueError, RecursionError, InvalidEvent) as exc:
+        # Without an id there is nothing to record the failure against; the ingest
+        # refuses such bodies, so only a hand-made message gets here.
+        log.warning("event.unrecordable reason=%s", str(exc)[:200])
+        return Result(None, None, reason=str(exc)[:200])
+    try:
+        return _process(settings, header, data, body, received_at, source, new_copy)
+    except TransientError as exc:
+        note_error(settings, header.id, str(exc))
+        exc.event_id, exc.event_type = header.id, header.type
+        raise
+
+
+def _process(
+    settings: Settings,
+    header: store.EventHeader,
+    data: Any,
+    body: str,
+    received_at: datetime,
+    source: str,
+    new_copy: bool,
+) -> Result:
+    db = engine(settings)
+    delivery = _record(db, header, body, received_at=received_at, source=source, new_copy=new_copy)
+    if delivery.outcome in FINAL_OUTCOMES:
+        return Result(header.id, delivery.outcome, duplicate=True)
+    if delivery.type != header.type:
+        log.warning(
+            "event.id_conflict event_id=%s stored_type=%s type=%s",
+            header.id,
+            delivery.type,
+            header.type,
+        )
+        return Result(header.id, delivery.outcome, duplicate=True, reason="id reused")
+    if delivery.attempts > settings.max_attempts:
+        return _fail(db, header.id, f"gave up after {settings.max_attempts} attempts")
+    try:
+        return _db(lambda: _apply(db, settings, header.id, data))
+    except PermanentError as exc:
+        return _fail(db, header.id, str(exc))
+
+
+def _record(
+    db: Engine,
+    header: store.EventHeader,
+    body: str,
+    *,
+    received_at: datetime,
+    source: str,
+    new_copy: bool,
+) -> store.Delivery:
+    def record(raw: str) -> store.Delivery:
+        with transaction(db) as conn:
+            return store.record_delivery(
+                conn, header, raw, received_at=received_at, source=source, new_copy=new_copy
+            )
+
+    try:
+        return _db(lambda: record(body))
+    except PermanentError as exc:
+        # Postgres refused the payload itself (e.g. a \u0000 in a string): keep the
+        # record with a stand-in payload so the failure is visible and final.
+        delivery = _db(lambda: record('{"unstorable": true}'))
+        if delivery.outcome not in FINAL_OUTCOMES:
+            _fail(db, header.id, str(exc))
+        return store.Delivery(Outcome.FAILED, delivery.attempts, delivery.type)
+
+
+def _apply(db: Engine, settings: Settings, event_id: str, data: Any) -> Result:
+    with transaction(db) as conn:
+        outcome = store.lock_event(conn, event_id)
+        if outcome in FINAL_OUTCOMES:
+            return Result(event_id, outcome, duplicate=True)
+        try:
+            envelope = Envelope.model_validate(data)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"])
+            raise InvalidEvent(f"{where}: {error['msg']}") from None
+        plan = interpret(envelope, settings.dr_live_mode)
+        if isinstance(plan, Ignore):
+            store.finish_event(conn, event_id, Outcome.IGNORED, error=plan.reason)
+            _log(event_id, envelope.type, Outcome.IGNORED, reason=plan.reason)
+            return Result(event_id, Outcome.IGNORED, reason=plan.reason)
+        return _apply_plan(conn, envelope, plan)
+
+
+def _apply_plan(conn: Connection, envelope: Envelope, plan: Plan) -> Result:
+    state = store.lock_order(conn, plan.order_id)
+    decision = apply(state, EventRef(as_utc(envelope.createdTime), envelope.id), plan)
+    if decision.changes:
+        store.save_order(conn, state, decision.state, decision.changes, envelope.id)
+    store.finish_event(conn, envelope.id, decision.outcome, order_id=plan.order_id)
+    for change in decision.changes:
+        log.info(
+            "event.change event_id=%s order_id=%s entity=%s entity_id=%s from=%s to=%s",
+            envelope.id,
+            plan.order_id,
+            change.entity,
+            change.entity_id,
+            change.from_state,
+            change.to_state,
+        )
+    _log(envelope.id, envelope.type, decision.outcome, order_id=plan.order_id)
+    return Result(envelope.id, decision.outcome)
+
+
+def _fail(db: Engine, event_id: str, reason: str) -> Result:
+    def record_failure() -> Outcome | None:
+        with transaction(db) as conn:
+            outcome = store.lock_event(conn, event_id)
+            if outcome in FINAL_OUTCOMES:
+                return outcome
+            store.finish_event(conn, event_id, Outcome.FAILED, error=reason[:2000])
+            return Outcome.FAILED
+
+    outcome = _db(record_failure)
+    if outcome is Outcome.FAILED:
+        log.warning("event.failed event_id=%s reason=%s", event_id, reason[:300])
+        return Result(event_id, Outcome.FAILED, reason=reason)
+    return Result(event_id, outcome, duplicate=True)
+
+
+def note_error(settings: Settings, event_id: str, error: str) -> None:
+    """Best effort: keep the last transient error on the event for operators."""
+    try:
+        with transaction(engine(settings)) as conn:
+            store.note_error(conn, event_id, error[:2000])
+    except sa_exc.SQLAlchemyError:
+        log.debug("event.note_error_skipped event_id=%s", event_id)
+
+
+def _log(event_id: str, event_type: str, outcome: Outcome, **fields: str | None) -> None:
+    extra = "".join(f" {key}={value}" for key, value in fields.items())
+    log.info("event.%s event_id=%s type=%s%s", outcome.value, event_id, event_type, extra)

@@ -1,0 +1,64 @@
+"""Celery tasks: thin wrappers that translate a message into one call of the unit of work."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Reject
+from celery.utils.time import get_exponential_backoff_interval
+from kombu.exceptions import OperationalError
+
+from models.errors import TransientError
+from models.messages import APPLY_TASK, apply_options
+from worker import processing
+from worker.app import MAX_RETRY_COUNTDOWN_S, app, settings
+
+log = logging.getLogger("refundsync.worker")
+
+
+@app.task(name=APPLY_TASK, bind=True, max_retries=None, acks_late=True)
+def apply_event(self: Task[Any, Any], body: str, received_at: str, source: str = "webhook") -> str:
+    """Apply one DR event (the raw webhook body) and return its outcome."""
+    request = self.request
+    redelivered = bool((request.delivery_info or {}).get("redelivered"))
+    try:
+        result = processing.process(
+            settings,
+            body,
+            received_at=_parse_time(received_at),
+            source=source,
+            # A retry or a redelivery of this same message is not another copy from DR.
+            new_copy=request.retries == 0 and not redelivered,
+        )
+    except TransientError as exc:
+        event_id, event_type = exc.event_id, exc.event_type
+        countdown = get_exponential_backoff_interval(
+            factor=1, retries=request.retries, maximum=MAX_RETRY_COUNTDOWN_S, full_jitter=True
+        )
+        log.info(
+            "event.retry event_id=%s retries=%s countdown=%s error=%s",
+            event_id,
+            request.retries,
+            countdown,
+            exc,
+        )
+        try:
+            retry = self.retry(
+                countdown=countdown, throw=False, **apply_options(event_id, event_type)
+            )
+        except (OperationalError, OSError) as publish_error:
+            # The broker would not take the retry: put this very message back rather than
+            # acknowledge it, so the event is not lost.
+            raise Reject(str(publish_error), requeue=True) from exc
+        raise retry from exc
+    return result.outcome.value if result.outcome else "unrecordable"
+
+
+def _parse_time(value: str) -> datetime:
+    try:
+        return datetime.fromisoformat(value).astimezone(UTC)
+    except (TypeError, ValueError):
+        return datetime.now(UTC)
