@@ -669,6 +669,18 @@ def _without(obj: dict[str, Any], *names: str) -> dict[str, Any]:
             event("sales_transaction.created", _without(sale_obj(), "amount"), at(0)),
             id="sales-transaction-without-amount",
         ),
+        pytest.param(
+            event("order.refunded", order_obj(refunded=-27.01), at(0)),
+            id="order-negative-refunded-amount",
+        ),
+        pytest.param(
+            event("order.refunded", order_obj(available=-1.0), at(0)),
+            id="order-negative-available-to-refund",
+        ),
+        pytest.param(
+            event("order.chargeback", order_obj(total=-54.02), at(0)),
+            id="order-negative-total-amount",
+        ),
     ],
 )
 def test_invalid_event_raises_invalid_event(env: dict[str, Any]) -> None:

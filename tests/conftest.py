@@ -1,0 +1,71 @@
+"""Session-wide real services. Every test run gets its own database and Redis server and
+removes them afterwards, so runs never see each other's data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from sqlalchemy import Engine
+
+from models.migrate import upgrade
+from tests import support
+
+
+@dataclass
+class Stack:
+    """A running refundsync: ingest, two single-process workers, its database and broker."""
+
+    base: str
+    db_url: str
+    redis: support.RedisServer
+    engine: Engine
+    env: dict[str, str]
+    processes: list[support.Process]
+
+    def api(self, path: str) -> httpx.Response:
+        return httpx.get(
+            f"{self.base}{path}",
+            headers={"Authorization": f"Bearer {support.API_TOKEN}"},
+            timeout=10,
+        )
+
+
+@pytest.fixture(scope="session")
+def database() -> Iterator[support.Database]:
+    db = support.Database().create()
+    try:
+        upgrade(db.url)
+        yield db
+    finally:
+        db.drop()
+
+
+@pytest.fixture(scope="session")
+def stack(database: support.Database) -> Iterator[Stack]:
+    redis = support.RedisServer().start()
+    env = support.service_env(database.url, redis.url)
+    processes: list[support.Process] = []
+    engine = support.engine_for(database.url)
+    try:
+        ingest, base = support.start_ingest(env)
+        processes.append(ingest)
+        processes.extend(support.start_worker(env, name) for name in ("w1", "w2"))
+        yield Stack(base, database.url, redis, engine, env, processes)
+    finally:
+        for process in processes:
+            process.stop()
+        engine.dispose()
+        redis.cleanup()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    stack: Stack | None = getattr(item, "funcargs", {}).get("stack")
+    if report.when == "call" and report.failed and stack is not None:
+        for process in stack.processes:
+            report.sections.append((f"log of {process.name}", process.log()[-6000:]))

@@ -1,0 +1,249 @@
+"""The webhook endpoint's refusals, against a real ingest process and a private Redis with
+no workers, so anything queued would still be sitting in the queue."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests import support
+
+QUEUE = "refundsync"
+
+
+class BareIngest:
+    def __init__(self, base: str, redis: support.RedisServer, process: support.Process) -> None:
+        self.base = base
+        self.redis = redis
+        self.process = process
+
+    def peak_rss_kib(self) -> int:
+        status = Path(f"/proc/{self.process.proc.pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+
+    def post(self, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        return httpx.post(f"{self.base}/webhooks/digital-river", content=body, headers=headers, timeout=10)
+
+    def queued(self) -> int:
+        return int(self.redis.cli("LLEN", QUEUE))
+
+
+@pytest.fixture(scope="module")
+def bare(database: support.Database) -> Iterator[BareIngest]:
+    redis = support.RedisServer().start()
+    env = support.service_env(database.url, redis.url, REFUNDSYNC_MAX_BODY_BYTES="1048576")
+    process, base = support.start_ingest(env)
+    try:
+        yield BareIngest(base, redis, process)
+    finally:
+        process.stop()
+        redis.cleanup()
+
+
+@pytest.fixture
+def empty_queue(bare: BareIngest) -> BareIngest:
+    bare.redis.cli("FLUSHALL")
+    return bare
+
+
+def _event() -> bytes:
+    return json.dumps({
+        "id": str(uuid.uuid4()), "type": "refund.pending", "createdTime": "2024-05-14T10:00:00Z",
+        "liveMode": False, "data": {"object": {"id": "re_1"}},
+    }).encode()
+
+
+def test_signed_event_is_queued_with_202(empty_queue: BareIngest) -> None:
+    body = _event()
+    response = empty_queue.post(body, support.signed_headers(body))
+    assert response.status_code == 202
+    assert response.json() == {"id": json.loads(body)["id"], "status": "queued"}
+    assert empty_queue.queued() == 1
+
+
+def test_rotating_second_secret_is_accepted(empty_queue: BareIngest) -> None:
+    body = _event()
+    response = empty_queue.post(body, support.signed_headers(body, secret=support.OTHER_SECRET))
+    assert response.status_code == 202
+    assert empty_queue.queued() == 1
+
+
+def test_queued_message_shows_monitors_id_and_type_not_the_payload(empty_queue: BareIngest) -> None:
+    body = json.dumps({
+        "id": "evt-monitor", "type": "refund.pending", "createdTime": "2024-05-14T10:00:00Z",
+        "data": {"object": {"id": "re_1", "email": "jane@example.com"}},
+    }).encode()
+    assert empty_queue.post(body, support.signed_headers(body)).status_code == 202
+    message = json.loads(empty_queue.redis.cli("LINDEX", QUEUE, "0"))
+    assert message["headers"]["argsrepr"] == "('evt-monitor', 'refund.pending')"
+    assert "jane@example.com" not in json.dumps(message["headers"])
+
+
+def _tampered() -> tuple[bytes, dict[str, str]]:
+    body = _event()
+    return body.replace(b"refund.pending", b"refund.complete"), support.signed_headers(body)
+
+
+def _wrong_secret() -> tuple[bytes, dict[str, str]]:
+    body = _event()
+    return body, support.signed_headers(body, secret="not-the-secret")
+
+
+def _stale() -> tuple[bytes, dict[str, str]]:
+    body = _event()
+    return body, support.signed_headers(body, timestamp=int(time.time()) - 600)
+
+
+def _future() -> tuple[bytes, dict[str, str]]:
+    body = _event()
+    return body, support.signed_headers(body, timestamp=int(time.time()) + 600)
+
+
+def _missing_header() -> tuple[bytes, dict[str, str]]:
+    return _event(), {"Content-Type": "application/json"}
+
+
+def _no_signature_segment() -> tuple[bytes, dict[str, str]]:
+    return _event(), {"Content-Type": "application/json", "DigitalRiver-Signature": f"t={int(time.time())}"}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_tampered, _wrong_secret, _stale, _future, _missing_header, _no_signature_segment],
+    ids=["tampered_body", "wrong_secret", "timestamp_10_min_old", "timestamp_10_min_ahead",
+         "missing_header", "timestamp_without_signature"],
+)
+def test_bad_signature_is_401_and_nothing_is_queued(empty_queue: BareIngest, make: object) -> None:
+    body, headers = make()  # type: ignore[operator]
+    response = empty_queue.post(body, headers)
+    assert response.status_code == 401
+    assert response.json()["error"] == "invalid_signature"
+    assert empty_queue.queued() == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{not json", b"[]", b'{"type": "refund.pending"}', b'{"id": 5, "type": "refund.pending"}',
+     b'{"id": "x"}', b'{"id": "", "type": "refund.pending"}', b"\xff\xfe{}", b'{"id": NaN, "type": "x"}',
+     b"[" * 10_000 + b"]" * 10_000],
+    ids=["malformed_json", "not_an_object", "missing_id", "numeric_id", "missing_type", "empty_id",
+         "invalid_utf8", "nan", "nested_10000_deep"],
+)
+def test_signed_but_unusable_body_is_400_and_nothing_is_queued(empty_queue: BareIngest, body: bytes) -> None:
+    response = empty_queue.post(body, support.signed_headers(body))
+    assert response.status_code == 400
+    assert set(response.json()) == {"error", "message"}
+    assert empty_queue.queued() == 0
+
+
+def test_2_mib_body_is_413(empty_queue: BareIngest) -> None:
+    body = b'{"id": "x", "type": "y", "pad": "' + b"a" * (2 * 1024 * 1024) + b'"}'
+    response = empty_queue.post(body, support.signed_headers(body))
+    assert response.status_code == 413
+    assert response.json()["error"] == "payload_too_large"
+    assert empty_queue.queued() == 0
+
+
+def test_streamed_100_mib_without_length_is_refused_without_buffering(empty_queue: BareIngest) -> None:
+    before = empty_queue.peak_rss_kib()
+
+    def chunks() -> Iterator[bytes]:
+        chunk = b"a" * 65536
+        for _ in range(1600):  # 100 MiB, chunked: no Content-Length to refuse up front
+            yield chunk
+
+    try:
+        response = httpx.post(
+            f"{empty_queue.base}/webhooks/digital-river",
+            content=chunks(),
+            headers={"Content-Type": "application/json", "DigitalRiver-Signature": "t=1,x"},
+            timeout=30,
+        )
+        assert response.status_code == 413
+    except (httpx.RemoteProtocolError, httpx.WriteError):
+        pass  # the server answered 413 and closed while the client was still sending
+    # The process never held more than a small part of it.
+    assert empty_queue.peak_rss_kib() - before < 24 * 1024
+    assert empty_queue.queued() == 0
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", ""])
+def test_non_json_content_type_is_415(empty_queue: BareIngest, content_type: str) -> None:
+    body = _event()
+    headers = support.signed_headers(body)
+    headers["Content-Type"] = content_type
+    response = empty_queue.post(body, headers)
+    assert response.status_code == 415
+    assert empty_queue.queued() == 0
+
+
+def test_json_with_charset_is_accepted(empty_queue: BareIngest) -> None:
+    body = _event()
+    headers = support.signed_headers(body)
+    headers["Content-Type"] = "application/json; charset=utf-8"
+    assert empty_queue.post(body, headers).status_code == 202
+
+
+def test_read_api_needs_the_bearer_token(bare: BareIngest) -> None:
+    for path in ("/orders/241500010336", "/events/x", "/events?outcome=failed"):
+        assert httpx.get(f"{bare.base}{path}", timeout=5).status_code == 401
+        wrong = httpx.get(f"{bare.base}{path}", headers={"Authorization": "Bearer nope"}, timeout=5)
+        assert wrong.status_code == 401
+        assert wrong.json()["error"] == "unauthorized"
+
+
+def test_read_api_answers_404_and_400_as_json(bare: BareIngest) -> None:
+    auth = {"Authorization": f"Bearer {support.API_TOKEN}"}
+    assert httpx.get(f"{bare.base}/orders/nope", headers=auth, timeout=5).status_code == 404
+    assert httpx.get(f"{bare.base}/events/nope", headers=auth, timeout=5).json()["error"] == "not_found"
+    assert httpx.get(f"{bare.base}/events?outcome=bogus", headers=auth, timeout=5).status_code == 400
+    assert httpx.get(f"{bare.base}/events?limit=0", headers=auth, timeout=5).status_code == 400
+    assert httpx.get(f"{bare.base}/nowhere", timeout=5).json()["error"] == "not_found"
+
+
+def test_healthz_and_readyz(bare: BareIngest) -> None:
+    assert httpx.get(f"{bare.base}/healthz", timeout=5).status_code == 200
+    assert httpx.get(f"{bare.base}/readyz", timeout=5).status_code == 200
+
+
+def test_broker_down_is_503_with_retry_after_and_resent_event_is_applied(database: support.Database) -> None:
+    redis = support.RedisServer()
+    env = support.service_env(database.url, redis.url)
+    ingest, base = support.start_ingest(env)
+    engine = support.engine_for(database.url)
+    worker: support.Process | None = None
+    try:
+        event_id = str(uuid.uuid4())
+        body = json.dumps({
+            "id": event_id, "type": "refund.pending", "createdTime": "2024-05-14T10:00:00Z",
+            "data": {"object": {"id": f"re_{event_id}", "orderId": f"ord-{event_id}", "currency": "USD",
+                                "amount": 12.5, "state": "pending"}},
+        }).encode()
+        response = httpx.post(f"{base}/webhooks/digital-river", content=body,
+                              headers=support.signed_headers(body), timeout=10)
+        assert response.status_code == 503
+        assert response.json()["error"] == "broker_unavailable"
+        assert int(response.headers["Retry-After"]) > 0
+        ready = httpx.get(f"{base}/readyz", timeout=10)
+        assert ready.status_code == 503 and "redis" in ready.json()["message"]
+
+        redis.start()
+        worker = support.start_worker(env, "w503")
+        # DR retries with a new timestamp and signature.
+        response = httpx.post(f"{base}/webhooks/digital-river", content=body,
+                              headers=support.signed_headers(body), timeout=10)
+        assert response.status_code == 202
+        assert support.wait_finished(engine, [event_id]) == {event_id: "applied"}
+    finally:
+        if worker:
+            worker.stop()
+        ingest.stop()
+        engine.dispose()
+        redis.cleanup()

@@ -1,0 +1,234 @@
+"""Real services for tests: private Redis servers, a throwaway database, and the
+refundsync processes themselves (ingest and Celery workers) as subprocesses."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from sqlalchemy import Engine, text
+
+from ingest.signature import sign
+from models.db import make_engine
+
+SECRET = "whsec_test_primary"
+OTHER_SECRET = "whsec_test_rotating"
+API_TOKEN = "test-read-token"
+ADMIN_DSN = os.environ.get("REFUNDSYNC_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Any, *, timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class RedisServer:
+    """A private redis-server on a free port; never the machine's shared one."""
+
+    def __init__(self, *, appendonly: bool = False) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="refundsync-redis-"))
+        self.appendonly = appendonly
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        subprocess.run(
+            [
+                shutil.which("redis-server") or "redis-server",
+                "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+                "--dir", str(self.dir), "--daemonize", "yes",
+                "--logfile", str(self.dir / "redis.log"),
+            ],
+            check=True,
+        )
+        wait_for(self.ping, timeout=10, what=f"redis on {self.port}")
+        return self
+
+    def ping(self) -> bool:
+        try:
+            return self.cli("PING") == "PONG"
+        except subprocess.CalledProcessError:
+            return False
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run(
+            ["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, check=True, timeout=10
+        )
+        if out.stdout.startswith("Could not connect"):
+            raise subprocess.CalledProcessError(1, "redis-cli")
+        return out.stdout.strip()
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            subprocess.run(
+                ["redis-cli", "-p", str(self.port), "SHUTDOWN", "NOSAVE"],
+                capture_output=True, timeout=10, check=False,
+            )
+        wait_for(lambda: not self.ping(), timeout=10, what="redis to stop")
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class Database:
+    """A database of its own on the shared Postgres, dropped afterwards."""
+
+    name: str = field(default_factory=lambda: f"refundsync_test_{uuid.uuid4().hex[:12]}")
+
+    @property
+    def url(self) -> str:
+        base = ADMIN_DSN.rsplit("/", 1)[0]
+        return f"{base}/{self.name}"
+
+    def create(self) -> Database:
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{self.name}"')
+        return self
+
+    def drop(self) -> None:
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+def service_env(db_url: str, redis_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DR_", "REFUNDSYNC_"))}
+    env.update(
+        DATABASE_URL=db_url,
+        REDIS_URL=redis_url,
+        DR_WEBHOOK_SECRETS=f"{SECRET},{OTHER_SECRET}",
+        REFUNDSYNC_API_TOKEN=API_TOKEN,
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+class Process:
+    """A refundsync subprocess whose output goes to a log file."""
+
+    def __init__(self, name: str, args: list[str], env: Mapping[str, str]) -> None:
+        self.name = name
+        self.log_path = Path(tempfile.mkstemp(prefix=f"refundsync-{name}-", suffix=".log")[1])
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", *args],
+            env=dict(env), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, needle: str, timeout: float = 30) -> None:
+        def seen() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited early:\n{self.log()[-4000:]}")
+            return needle in self.log()
+
+        wait_for(seen, timeout=timeout, what=f"{self.name} to log {needle!r}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+
+def start_ingest(env: Mapping[str, str]) -> tuple[Process, str]:
+    port = free_port()
+    process = Process("ingest", ["ingest", "--port", str(port)], env)
+    base = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if process.proc.poll() is not None:
+            raise RuntimeError(f"ingest exited early:\n{process.log()[-4000:]}")
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(healthy, timeout=30, what="ingest /healthz")
+    return process, base
+
+
+def start_worker(env: Mapping[str, str], name: str, concurrency: int = 1) -> Process:
+    process = Process(
+        f"worker-{name}",
+        ["worker", "--concurrency", str(concurrency), "--hostname", f"{name}@%h",
+         "--without-mingle", "--without-gossip"],
+        env,
+    )
+    process.wait_for_log("ready.", timeout=60)
+    return process
+
+
+def signed_headers(body: bytes, *, secret: str = SECRET, timestamp: int | None = None) -> dict[str, str]:
+    return {"Content-Type": "application/json", "DigitalRiver-Signature": sign(secret, body, timestamp)}
+
+
+def post_event(base: str, event: Mapping[str, Any] | bytes, **kwargs: Any) -> httpx.Response:
+    body = event if isinstance(event, bytes) else json.dumps(event).encode()
+    return httpx.post(f"{base}/webhooks/digital-river", content=body, headers=signed_headers(body, **kwargs), timeout=10)
+
+
+def outcomes(engine: Engine, ids: list[str]) -> dict[str, str]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT id, outcome FROM webhook_events WHERE id = ANY(:ids)"), {"ids": ids}
+        )
+        return {row.id: row.outcome for row in rows}
+
+
+def wait_finished(engine: Engine, ids: list[str], timeout: float = 120) -> dict[str, str]:
+    wanted = set(ids)
+
+    def done() -> dict[str, str] | None:
+        found = outcomes(engine, list(wanted))
+        if set(found) == wanted and all(o != "queued" for o in found.values()):
+            return found
+        return None
+
+    return wait_for(done, timeout=timeout, interval=0.1, what=f"{len(wanted)} events to finish")
+
+
+def engine_for(url: str) -> Engine:
+    return make_engine(url, pool_size=2)
+
+
+def load_fixture(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
