@@ -3,7 +3,7 @@ removes them afterwards, so runs never see each other's data."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -61,11 +61,13 @@ def stack(database: support.Database) -> Iterator[Stack]:
         redis.cleanup()
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
-    report = outcome.get_result()
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
     stack: Stack | None = getattr(item, "funcargs", {}).get("stack")
     if report.when == "call" and report.failed and stack is not None:
         for process in stack.processes:
             report.sections.append((f"log of {process.name}", process.log()[-6000:]))
+    return report

@@ -87,30 +87,61 @@ def order_history(rng: random.Random, order_id: str, n_events: int) -> list[dict
             event(_EVENT_FOR_STATE[state], obj)
             if state in ("pending", "succeeded", "failed"):
                 entry_state = {"succeeded": "complete"}.get(state, state)
-                entry: dict[str, Any] = {"createdTime": entry_time, "amount": amount, "state": entry_state}
+                entry: dict[str, Any] = {
+                    "createdTime": entry_time,
+                    "amount": amount,
+                    "state": entry_state,
+                }
                 if rng.random() < 0.7:
                     entry["id"] = f"{charge_id[:8]}-{refund_id[-8:]}"
                 kind = f"order.charge.refund.{entry_state}"
-                event(kind, {"id": charge_id, "orderId": order_id, "currency": currency,
-                             "amount": total, "state": "complete", "refunds": [entry]})
+                event(
+                    kind,
+                    {
+                        "id": charge_id,
+                        "orderId": order_id,
+                        "currency": currency,
+                        "amount": total,
+                        "state": "complete",
+                        "refunds": [entry],
+                    },
+                )
             if state == "succeeded":
                 refunded += Decimal(str(amount))
-                event("order.refunded", {
-                    "id": order_id, "currency": currency, "totalAmount": total,
-                    "refundedAmount": float(refunded),
-                    "availableToRefundAmount": max(0.0, total - float(refunded)),
-                    "state": "complete",
-                })
+                event(
+                    "order.refunded",
+                    {
+                        "id": order_id,
+                        "currency": currency,
+                        "totalAmount": total,
+                        "refundedAmount": float(refunded),
+                        "availableToRefundAmount": max(0.0, total - float(refunded)),
+                        "state": "complete",
+                    },
+                )
         if rng.random() < 0.15:
             sale_id = f"st_{uuid.UUID(int=rng.getrandbits(128)).hex[:12]}"
-            event("sales_transaction.created", {
-                "id": sale_id, "orderId": order_id, "currency": currency, "amount": amount,
-                "type": rng.choice(["fraud_chargeback", "non_fraud_chargeback", "sale"]),
-            })
+            event(
+                "sales_transaction.created",
+                {
+                    "id": sale_id,
+                    "orderId": order_id,
+                    "currency": currency,
+                    "amount": amount,
+                    "type": rng.choice(["fraud_chargeback", "non_fraud_chargeback", "sale"]),
+                },
+            )
             if rng.random() < 0.5:
-                event("order.chargeback", {"id": order_id, "currency": currency,
-                                           "totalAmount": total, "refundedAmount": float(refunded),
-                                           "availableToRefundAmount": 0.0})
+                event(
+                    "order.chargeback",
+                    {
+                        "id": order_id,
+                        "currency": currency,
+                        "totalAmount": total,
+                        "refundedAmount": float(refunded),
+                        "availableToRefundAmount": 0.0,
+                    },
+                )
         if rng.random() < 0.05:
             event("order.accepted", {"id": order_id, "currency": currency})
     return events[:n_events]
@@ -125,7 +156,9 @@ def expected_summaries(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]
         if isinstance(plan, Ignore):
             continue
         state = states.get(plan.order_id, OrderState(order_id=plan.order_id))
-        states[plan.order_id] = apply(state, EventRef(as_utc(envelope.createdTime), envelope.id), plan).state
+        states[plan.order_id] = apply(
+            state, EventRef(as_utc(envelope.createdTime), envelope.id), plan
+        ).state
     return {order_id: without_updated_at(summarize(state)) for order_id, state in states.items()}
 
 

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,9 @@ from models.db import make_engine
 SECRET = "whsec_test_primary"
 OTHER_SECRET = "whsec_test_rotating"
 API_TOKEN = "test-read-token"
-ADMIN_DSN = os.environ.get("REFUNDSYNC_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+ADMIN_DSN = os.environ.get(
+    "REFUNDSYNC_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
@@ -39,7 +41,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(predicate: Any, *, timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
+def wait_for(
+    predicate: Any, *, timeout: float, interval: float = 0.05, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -63,10 +67,20 @@ class RedisServer:
         subprocess.run(
             [
                 shutil.which("redis-server") or "redis-server",
-                "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "yes" if self.appendonly else "no",
-                "--dir", str(self.dir), "--daemonize", "yes",
-                "--logfile", str(self.dir / "redis.log"),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes" if self.appendonly else "no",
+                "--dir",
+                str(self.dir),
+                "--daemonize",
+                "yes",
+                "--logfile",
+                str(self.dir / "redis.log"),
             ],
             check=True,
         )
@@ -81,7 +95,11 @@ class RedisServer:
 
     def cli(self, *args: str) -> str:
         out = subprocess.run(
-            ["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, check=True, timeout=10
+            ["redis-cli", "-p", str(self.port), *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
         )
         if out.stdout.startswith("Could not connect"):
             raise subprocess.CalledProcessError(1, "redis-cli")
@@ -91,7 +109,9 @@ class RedisServer:
         with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
             subprocess.run(
                 ["redis-cli", "-p", str(self.port), "SHUTDOWN", "NOSAVE"],
-                capture_output=True, timeout=10, check=False,
+                capture_output=True,
+                timeout=10,
+                check=False,
             )
         wait_for(lambda: not self.ping(), timeout=10, what="redis to stop")
 
@@ -143,7 +163,10 @@ class Process:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", *args],
-            env=dict(env), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=dict(env),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def log(self) -> str:
@@ -189,21 +212,38 @@ def start_ingest(env: Mapping[str, str]) -> tuple[Process, str]:
 def start_worker(env: Mapping[str, str], name: str, concurrency: int = 1) -> Process:
     process = Process(
         f"worker-{name}",
-        ["worker", "--concurrency", str(concurrency), "--hostname", f"{name}@%h",
-         "--without-mingle", "--without-gossip"],
+        [
+            "worker",
+            "--concurrency",
+            str(concurrency),
+            "--hostname",
+            f"{name}@%h",
+            "--without-mingle",
+            "--without-gossip",
+        ],
         env,
     )
     process.wait_for_log("ready.", timeout=60)
     return process
 
 
-def signed_headers(body: bytes, *, secret: str = SECRET, timestamp: int | None = None) -> dict[str, str]:
-    return {"Content-Type": "application/json", "DigitalRiver-Signature": sign(secret, body, timestamp)}
+def signed_headers(
+    body: bytes, *, secret: str = SECRET, timestamp: int | None = None
+) -> dict[str, str]:
+    return {
+        "Content-Type": "application/json",
+        "DigitalRiver-Signature": sign(secret, body, timestamp),
+    }
 
 
 def post_event(base: str, event: Mapping[str, Any] | bytes, **kwargs: Any) -> httpx.Response:
     body = event if isinstance(event, bytes) else json.dumps(event).encode()
-    return httpx.post(f"{base}/webhooks/digital-river", content=body, headers=signed_headers(body, **kwargs), timeout=10)
+    return httpx.post(
+        f"{base}/webhooks/digital-river",
+        content=body,
+        headers=signed_headers(body, **kwargs),
+        timeout=10,
+    )
 
 
 def outcomes(engine: Engine, ids: list[str]) -> dict[str, str]:
@@ -223,7 +263,10 @@ def wait_finished(engine: Engine, ids: list[str], timeout: float = 120) -> dict[
             return found
         return None
 
-    return wait_for(done, timeout=timeout, interval=0.1, what=f"{len(wanted)} events to finish")
+    found: dict[str, str] = wait_for(
+        done, timeout=timeout, interval=0.1, what=f"{len(wanted)} events to finish"
+    )
+    return found
 
 
 def engine_for(url: str) -> Engine:

@@ -45,9 +45,9 @@ def main() -> None:
 
 @main.command(help="Apply the database migrations (Alembic upgrade head).")
 def migrate() -> None:
+    settings = _settings("DATABASE_URL")
     from models.migrate import upgrade
 
-    settings = _settings("DATABASE_URL")
     try:
         upgrade(settings.database_url or "")
     except SQLAlchemyError as exc:

@@ -26,27 +26,45 @@ EXAMPLES = [
 ]
 
 
-def _refund_event(order_id: str, refund_id: str, state: str, created: str, **extra: Any) -> dict[str, Any]:
-    kind = {"succeeded": "refund.complete", "pending": "refund.pending", "failed": "refund.failed"}[state]
-    obj = {"id": refund_id, "orderId": order_id, "currency": "USD", "amount": 10.0,
-           "refundedAmount": 10.0 if state == "succeeded" else 0.0, "state": state,
-           "createdTime": "2024-05-14T10:00:00Z"}
+def _refund_event(
+    order_id: str, refund_id: str, state: str, created: str, **extra: Any
+) -> dict[str, Any]:
+    kind = {"succeeded": "refund.complete", "pending": "refund.pending", "failed": "refund.failed"}[
+        state
+    ]
+    obj = {
+        "id": refund_id,
+        "orderId": order_id,
+        "currency": "USD",
+        "amount": 10.0,
+        "refundedAmount": 10.0 if state == "succeeded" else 0.0,
+        "state": state,
+        "createdTime": "2024-05-14T10:00:00Z",
+    }
     obj.update(extra)
-    return {"id": str(uuid.uuid4()), "type": kind, "createdTime": created, "liveMode": False,
-            "data": {"object": obj}}
+    return {
+        "id": str(uuid.uuid4()),
+        "type": kind,
+        "createdTime": created,
+        "liveMode": False,
+        "data": {"object": obj},
+    }
 
 
 def _history_rows(stack: Stack, event_id: str) -> int:
     with stack.engine.connect() as conn:
-        return int(conn.execute(
-            text("SELECT count(*) FROM refund_history WHERE event_id = :id"), {"id": event_id}
-        ).scalar_one())
+        return int(
+            conn.execute(
+                text("SELECT count(*) FROM refund_history WHERE event_id = :id"), {"id": event_id}
+            ).scalar_one()
+        )
 
 
 def _record(stack: Stack, event_id: str) -> dict[str, Any]:
     response = stack.api(f"/events/{event_id}")
     assert response.status_code == 200, response.text
-    return response.json()
+    record: dict[str, Any] = response.json()
+    return record
 
 
 def test_every_doc_example_flows_from_http_to_the_order_summary(stack: Stack) -> None:
@@ -128,7 +146,9 @@ def test_500_events_for_50_orders_each_sent_3_times_in_random_order_converge(sta
     deliveries = [json.dumps(event).encode() for event in events for _ in range(3)]
     rng.shuffle(deliveries)
     with ThreadPoolExecutor(16) as pool:
-        codes = list(pool.map(lambda body: support.post_event(stack.base, body).status_code, deliveries))
+        codes = list(
+            pool.map(lambda body: support.post_event(stack.base, body).status_code, deliveries)
+        )
     assert codes == [202] * len(deliveries)
 
     ids = [event["id"] for event in events]
@@ -137,10 +157,15 @@ def test_500_events_for_50_orders_each_sent_3_times_in_random_order_converge(sta
 
     def copies_counted() -> bool:
         with stack.engine.connect() as conn:
-            return conn.execute(
-                text("SELECT bool_and(deliveries = 3) FROM webhook_events WHERE id = ANY(:ids)"),
-                {"ids": ids},
-            ).scalar_one() is True
+            return (
+                conn.execute(
+                    text(
+                        "SELECT bool_and(deliveries = 3) FROM webhook_events WHERE id = ANY(:ids)"
+                    ),
+                    {"ids": ids},
+                ).scalar_one()
+                is True
+            )
 
     support.wait_for(copies_counted, timeout=60, what="3 deliveries each")
     expected = eventgen.expected_summaries(events)
@@ -149,7 +174,9 @@ def test_500_events_for_50_orders_each_sent_3_times_in_random_order_converge(sta
         assert eventgen.without_updated_at(actual) == summary, order_id
 
 
-def test_invalid_payload_of_known_type_fails_with_reason_and_order_keeps_applying(stack: Stack) -> None:
+def test_invalid_payload_of_known_type_fails_with_reason_and_order_keeps_applying(
+    stack: Stack,
+) -> None:
     order_id = f"ord-{uuid.uuid4().hex[:10]}"
     first = _refund_event(order_id, f"re_{uuid.uuid4()}", "pending", "2024-05-14T10:00:01Z")
     broken = _refund_event(order_id, "ignored", "succeeded", "2024-05-14T11:00:00Z")
@@ -161,7 +188,8 @@ def test_invalid_payload_of_known_type_fails_with_reason_and_order_keeps_applyin
 
     assert found == {first["id"]: "applied", broken["id"]: "failed", later["id"]: "applied"}
     record = _record(stack, broken["id"])
-    assert "id" in record["error"] and "required" in record["error"].lower()
+    assert "id" in record["error"]
+    assert "required" in record["error"].lower()
     assert _history_rows(stack, broken["id"]) == 0
     failed = stack.api("/events?outcome=failed&limit=50").json()["data"]
     assert broken["id"] in [r["id"] for r in failed]
@@ -171,7 +199,12 @@ def test_invalid_payload_of_known_type_fails_with_reason_and_order_keeps_applyin
 
 @pytest.mark.parametrize("kind", ["order.accepted", "invoice.created"])
 def test_unhandled_event_types_are_queued_and_recorded_as_ignored(stack: Stack, kind: str) -> None:
-    event = {"id": str(uuid.uuid4()), "type": kind, "createdTime": "2024-05-14T10:00:00Z",
-             "liveMode": False, "data": {"object": {"id": "x"}}}
+    event: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "type": kind,
+        "createdTime": "2024-05-14T10:00:00Z",
+        "liveMode": False,
+        "data": {"object": {"id": "x"}},
+    }
     assert support.post_event(stack.base, event).status_code == 202
     assert support.wait_finished(stack.engine, [event["id"]]) == {event["id"]: "ignored"}

@@ -4,7 +4,6 @@ no workers, so anything queued would still be sitting in the queue."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,10 +25,14 @@ class BareIngest:
 
     def peak_rss_kib(self) -> int:
         status = Path(f"/proc/{self.process.proc.pid}/status").read_text()
-        return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+        return int(
+            next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]
+        )
 
     def post(self, body: bytes, headers: dict[str, str]) -> httpx.Response:
-        return httpx.post(f"{self.base}/webhooks/digital-river", content=body, headers=headers, timeout=10)
+        return httpx.post(
+            f"{self.base}/webhooks/digital-river", content=body, headers=headers, timeout=10
+        )
 
     def queued(self) -> int:
         return int(self.redis.cli("LLEN", QUEUE))
@@ -54,10 +57,15 @@ def empty_queue(bare: BareIngest) -> BareIngest:
 
 
 def _event() -> bytes:
-    return json.dumps({
-        "id": str(uuid.uuid4()), "type": "refund.pending", "createdTime": "2024-05-14T10:00:00Z",
-        "liveMode": False, "data": {"object": {"id": "re_1"}},
-    }).encode()
+    return json.dumps(
+        {
+            "id": str(uuid.uuid4()),
+            "type": "refund.pending",
+            "createdTime": "2024-05-14T10:00:00Z",
+            "liveMode": False,
+            "data": {"object": {"id": "re_1"}},
+        }
+    ).encode()
 
 
 def test_signed_event_is_queued_with_202(empty_queue: BareIngest) -> None:
@@ -76,10 +84,14 @@ def test_rotating_second_secret_is_accepted(empty_queue: BareIngest) -> None:
 
 
 def test_queued_message_shows_monitors_id_and_type_not_the_payload(empty_queue: BareIngest) -> None:
-    body = json.dumps({
-        "id": "evt-monitor", "type": "refund.pending", "createdTime": "2024-05-14T10:00:00Z",
-        "data": {"object": {"id": "re_1", "email": "jane@example.com"}},
-    }).encode()
+    body = json.dumps(
+        {
+            "id": "evt-monitor",
+            "type": "refund.pending",
+            "createdTime": "2024-05-14T10:00:00Z",
+            "data": {"object": {"id": "re_1", "email": "jane@example.com"}},
+        }
+    ).encode()
     assert empty_queue.post(body, support.signed_headers(body)).status_code == 202
     message = json.loads(empty_queue.redis.cli("LINDEX", QUEUE, "0"))
     assert message["headers"]["argsrepr"] == "('evt-monitor', 'refund.pending')"
@@ -111,14 +123,23 @@ def _missing_header() -> tuple[bytes, dict[str, str]]:
 
 
 def _no_signature_segment() -> tuple[bytes, dict[str, str]]:
-    return _event(), {"Content-Type": "application/json", "DigitalRiver-Signature": f"t={int(time.time())}"}
+    return _event(), {
+        "Content-Type": "application/json",
+        "DigitalRiver-Signature": f"t={int(time.time())}",
+    }
 
 
 @pytest.mark.parametrize(
     "make",
     [_tampered, _wrong_secret, _stale, _future, _missing_header, _no_signature_segment],
-    ids=["tampered_body", "wrong_secret", "timestamp_10_min_old", "timestamp_10_min_ahead",
-         "missing_header", "timestamp_without_signature"],
+    ids=[
+        "tampered_body",
+        "wrong_secret",
+        "timestamp_10_min_old",
+        "timestamp_10_min_ahead",
+        "missing_header",
+        "timestamp_without_signature",
+    ],
 )
 def test_bad_signature_is_401_and_nothing_is_queued(empty_queue: BareIngest, make: object) -> None:
     body, headers = make()  # type: ignore[operator]
@@ -130,13 +151,32 @@ def test_bad_signature_is_401_and_nothing_is_queued(empty_queue: BareIngest, mak
 
 @pytest.mark.parametrize(
     "body",
-    [b"{not json", b"[]", b'{"type": "refund.pending"}', b'{"id": 5, "type": "refund.pending"}',
-     b'{"id": "x"}', b'{"id": "", "type": "refund.pending"}', b"\xff\xfe{}", b'{"id": NaN, "type": "x"}',
-     b"[" * 10_000 + b"]" * 10_000],
-    ids=["malformed_json", "not_an_object", "missing_id", "numeric_id", "missing_type", "empty_id",
-         "invalid_utf8", "nan", "nested_10000_deep"],
+    [
+        b"{not json",
+        b"[]",
+        b'{"type": "refund.pending"}',
+        b'{"id": 5, "type": "refund.pending"}',
+        b'{"id": "x"}',
+        b'{"id": "", "type": "refund.pending"}',
+        b"\xff\xfe{}",
+        b'{"id": NaN, "type": "x"}',
+        b"[" * 10_000 + b"]" * 10_000,
+    ],
+    ids=[
+        "malformed_json",
+        "not_an_object",
+        "missing_id",
+        "numeric_id",
+        "missing_type",
+        "empty_id",
+        "invalid_utf8",
+        "nan",
+        "nested_10000_deep",
+    ],
 )
-def test_signed_but_unusable_body_is_400_and_nothing_is_queued(empty_queue: BareIngest, body: bytes) -> None:
+def test_signed_but_unusable_body_is_400_and_nothing_is_queued(
+    empty_queue: BareIngest, body: bytes
+) -> None:
     response = empty_queue.post(body, support.signed_headers(body))
     assert response.status_code == 400
     assert set(response.json()) == {"error", "message"}
@@ -151,7 +191,9 @@ def test_2_mib_body_is_413(empty_queue: BareIngest) -> None:
     assert empty_queue.queued() == 0
 
 
-def test_streamed_100_mib_without_length_is_refused_without_buffering(empty_queue: BareIngest) -> None:
+def test_streamed_100_mib_without_length_is_refused_without_buffering(
+    empty_queue: BareIngest,
+) -> None:
     before = empty_queue.peak_rss_kib()
 
     def chunks() -> Iterator[bytes]:
@@ -202,8 +244,13 @@ def test_read_api_needs_the_bearer_token(bare: BareIngest) -> None:
 def test_read_api_answers_404_and_400_as_json(bare: BareIngest) -> None:
     auth = {"Authorization": f"Bearer {support.API_TOKEN}"}
     assert httpx.get(f"{bare.base}/orders/nope", headers=auth, timeout=5).status_code == 404
-    assert httpx.get(f"{bare.base}/events/nope", headers=auth, timeout=5).json()["error"] == "not_found"
-    assert httpx.get(f"{bare.base}/events?outcome=bogus", headers=auth, timeout=5).status_code == 400
+    assert (
+        httpx.get(f"{bare.base}/events/nope", headers=auth, timeout=5).json()["error"]
+        == "not_found"
+    )
+    assert (
+        httpx.get(f"{bare.base}/events?outcome=bogus", headers=auth, timeout=5).status_code == 400
+    )
     assert httpx.get(f"{bare.base}/events?limit=0", headers=auth, timeout=5).status_code == 400
     assert httpx.get(f"{bare.base}/nowhere", timeout=5).json()["error"] == "not_found"
 
@@ -213,7 +260,9 @@ def test_healthz_and_readyz(bare: BareIngest) -> None:
     assert httpx.get(f"{bare.base}/readyz", timeout=5).status_code == 200
 
 
-def test_broker_down_is_503_with_retry_after_and_resent_event_is_applied(database: support.Database) -> None:
+def test_broker_down_is_503_with_retry_after_and_resent_event_is_applied(
+    database: support.Database,
+) -> None:
     redis = support.RedisServer()
     env = support.service_env(database.url, redis.url)
     ingest, base = support.start_ingest(env)
@@ -221,24 +270,44 @@ def test_broker_down_is_503_with_retry_after_and_resent_event_is_applied(databas
     worker: support.Process | None = None
     try:
         event_id = str(uuid.uuid4())
-        body = json.dumps({
-            "id": event_id, "type": "refund.pending", "createdTime": "2024-05-14T10:00:00Z",
-            "data": {"object": {"id": f"re_{event_id}", "orderId": f"ord-{event_id}", "currency": "USD",
-                                "amount": 12.5, "state": "pending"}},
-        }).encode()
-        response = httpx.post(f"{base}/webhooks/digital-river", content=body,
-                              headers=support.signed_headers(body), timeout=10)
+        body = json.dumps(
+            {
+                "id": event_id,
+                "type": "refund.pending",
+                "createdTime": "2024-05-14T10:00:00Z",
+                "data": {
+                    "object": {
+                        "id": f"re_{event_id}",
+                        "orderId": f"ord-{event_id}",
+                        "currency": "USD",
+                        "amount": 12.5,
+                        "state": "pending",
+                    }
+                },
+            }
+        ).encode()
+        response = httpx.post(
+            f"{base}/webhooks/digital-river",
+            content=body,
+            headers=support.signed_headers(body),
+            timeout=10,
+        )
         assert response.status_code == 503
         assert response.json()["error"] == "broker_unavailable"
         assert int(response.headers["Retry-After"]) > 0
         ready = httpx.get(f"{base}/readyz", timeout=10)
-        assert ready.status_code == 503 and "redis" in ready.json()["message"]
+        assert ready.status_code == 503
+        assert "redis" in ready.json()["message"]
 
         redis.start()
         worker = support.start_worker(env, "w503")
         # DR retries with a new timestamp and signature.
-        response = httpx.post(f"{base}/webhooks/digital-river", content=body,
-                              headers=support.signed_headers(body), timeout=10)
+        response = httpx.post(
+            f"{base}/webhooks/digital-river",
+            content=body,
+            headers=support.signed_headers(body),
+            timeout=10,
+        )
         assert response.status_code == 202
         assert support.wait_finished(engine, [event_id]) == {event_id: "applied"}
     finally:

@@ -104,7 +104,7 @@ def charge_entities(draw: st.DrawFn, charge_id: str) -> list[tuple[str, str, flo
     entities = {}
     for n, (offset, amount) in enumerate(zip(offsets, amounts, strict=True)):
         created = _text(T0 - timedelta(minutes=10 - offset), draw(st.integers(0, 2)))
-        key = (as_utc(datetime.fromisoformat(created.replace("Z", "+00:00"))), amount)
+        key = (as_utc(datetime.fromisoformat(created)), amount)
         entities.setdefault(key, (f"{charge_id}-re-{n}", created, amount))
     return list(entities.values())
 
@@ -220,9 +220,7 @@ def expected_entry_keys(events: list[Envelope]) -> set[tuple[str, str]]:
         charges = obj["payment"]["charges"] if "payment" in obj else [obj]
         for charge in charges:
             for entry in charge["refunds"]:
-                created = as_utc(
-                    datetime.fromisoformat(entry["createdTime"].replace("Z", "+00:00"))
-                )
+                created = as_utc(datetime.fromisoformat(entry["createdTime"]))
                 amount = Decimal(entry["amount"]).quantize(Decimal("0.01"))
                 seen = ids.setdefault((charge["id"], created, amount), set())
                 if "id" in entry:

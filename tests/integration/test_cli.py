@@ -1,0 +1,97 @@
+"""The `refundsync` command line as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ingest.signature import verify
+from tests import support
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = support.service_env("", "", DATABASE_URL="", REDIS_URL="", DR_WEBHOOK_SECRETS="")
+    base.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        capture_output=True, text=True, env=base, timeout=60, check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "missing"),
+    [
+        (["ingest"], "REDIS_URL, DATABASE_URL, DR_WEBHOOK_SECRETS"),
+        (["worker"], "REDIS_URL, DATABASE_URL"),
+        (["migrate"], "DATABASE_URL"),
+        (["order", "show", "x"], "DATABASE_URL"),
+    ],
+)
+def test_missing_setting_stops_with_one_clear_line(args: list[str], missing: str) -> None:
+    result = _run(*args)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"refundsync: {missing} must be set (see README, Configuration)"
+    ]
+
+
+def test_ingest_refuses_to_start_without_a_secret_even_through_uvicorn() -> None:
+    env = support.service_env("postgresql://x@127.0.0.1/x", "redis://127.0.0.1:1/0")
+    env["DR_WEBHOOK_SECRETS"] = " , "
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "ingest.app:app", "--port", str(support.free_port())],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )
+    assert result.returncode != 0
+    assert "refundsync: DR_WEBHOOK_SECRETS must be set" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_setting_is_named() -> None:
+    result = _run("migrate", env={"DATABASE_URL": "postgresql://x", "DR_LIVE_MODE": "prod"})
+    assert result.returncode == 1
+    assert "DR_LIVE_MODE is invalid" in result.stderr
+
+
+def test_usage_error_exits_2() -> None:
+    assert _run("order").returncode == 2
+    assert _run("sign").returncode == 2
+
+
+def test_sign_prints_a_header_the_ingest_accepts(tmp_path: Path) -> None:
+    payload = tmp_path / "event.json"
+    payload.write_bytes(support.load_fixture("dr_examples/04_refund_complete.json"))
+    result = _run("sign", "--secret", "s3cret", str(payload))
+    assert result.returncode == 0
+    header = result.stdout.strip()
+    verify(header, payload.read_bytes(), ["s3cret"], tolerance_s=300, now=time.time())
+
+
+def test_order_and_event_show(database: support.Database) -> None:
+    env = {"DATABASE_URL": database.url}
+    missing = _run("order", "show", "no-such-order", env=env)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "refundsync: order no-such-order not found"
+    assert _run("events", "show", "no-such-event", env=env).returncode == 1
+    failed = _run("events", "failed", "--limit", "5", env=env)
+    assert failed.returncode == 0
+    assert isinstance(json.loads(failed.stdout), list)
+
+
+def test_migrate_is_idempotent(database: support.Database) -> None:
+    result = _run("migrate", env={"DATABASE_URL": database.url})
+    assert result.returncode == 0, result.stderr
+    assert "up to date" in result.stdout
+
+
+def test_database_down_is_one_line(database: support.Database) -> None:
+    url = f"postgresql://postgres@127.0.0.1:{support.free_port()}/nowhere"
+    result = _run("order", "show", "x", env={"DATABASE_URL": url})
+    assert result.returncode == 1
+    assert result.stderr.startswith("refundsync: database unavailable:")
+    assert len(result.stderr.strip().splitlines()) == 1
