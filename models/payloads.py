@@ -174,7 +174,10 @@ class Order(_DRModel):
         currency = check_currency(self.currency)
         object.__setattr__(self, "currency", currency)
         for name in ("totalAmount", "refundedAmount", "availableToRefundAmount"):
-            object.__setattr__(self, name, _round(getattr(self, name), currency))
+            value = _round(getattr(self, name), currency)
+            if value is not None and value < 0:
+                raise InvalidEvent(f"order {name} {value} is negative")
+            object.__setattr__(self, name, value)
         return self
 
 

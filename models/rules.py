@@ -306,34 +306,6 @@ def _entry_key(entry: ChargeRefundEntry) -> str:
     return f"{iso(entry.createdTime)}|{entry.amount}"
 
 
-def _find_entry(
-    rows: Mapping[tuple[str, str], ChargeRefundRow], charge_id: str, entry: ChargeRefundEntry
-) -> ChargeRefundRow | None:
-    """The stored entry this observation is about.
-
-    Charges inside an Order often omit entry ids that the Charge itself shows, so an entry
-    without an id matches a stored one with the same createdTime and amount, and an entry
-    with an id adopts a stored id-less one with the same createdTime and amount.
-    """
-    if entry.id is not None and (charge_id, entry.id) in rows:
-        return rows[(charge_id, entry.id)]
-    created = as_utc(entry.createdTime) if entry.createdTime else None
-    if created is None:
-        return None
-    same = sorted(
-        (
-            row
-            for row in rows.values()
-            if row.charge_id == charge_id
-            and row.created_time == created
-            and row.amount == entry.amount
-            and (entry.id is None or row.entry_id is None)
-        ),
-        key=lambda row: (row.entry_id is None, row.entry_key),
-    )
-    return same[0] if same else None
-
-
 def _apply_entry(
     state: OrderState,
     event: EventRef,
@@ -341,35 +313,55 @@ def _apply_entry(
     entry: ChargeRefundEntry,
     changes: list[Change],
 ) -> OrderState:
-    stored = _find_entry(state.charge_refunds, charge_id, entry)
-    entry_id = entry.id or (stored.entry_id if stored else None)
-    key = entry_id or (stored.entry_key if stored else _entry_key(entry))
-    candidate = ChargeRefundRow(
+    key = _entry_key(entry)
+    stored = state.charge_refunds.get((charge_id, key))
+    row = ChargeRefundRow(
         charge_id=charge_id,
         entry_key=key,
-        entry_id=entry_id,
+        entry_id=entry.id,
         created_time=as_utc(entry.createdTime) if entry.createdTime else None,
         amount=entry.amount,
         state=entry.state,
         event=event,
     )
-    rows = dict(state.charge_refunds)
-    if stored is None:
-        row = candidate
-    elif candidate.version() > stored.version():
-        row = candidate
-        del rows[(charge_id, stored.entry_key)]
-    elif key != stored.entry_key:
-        # An id learnt from a newer snapshot's older version: keep the state, take the id.
-        row = replace(stored, entry_key=key, entry_id=entry_id)
-        del rows[(charge_id, stored.entry_key)]
-    else:
+    if stored is not None and row.version() <= stored.version():
         return state
-    rows[(charge_id, key)] = row
     changes.append(
         Change("charge_refund", f"{charge_id}/{key}", stored.state if stored else None, row.state)
     )
-    return replace(state, charge_refunds=rows)
+    return replace(state, charge_refunds={**state.charge_refunds, (charge_id, key): row})
+
+
+def charge_refund_view(state: OrderState) -> list[ChargeRefundRow]:
+    """The charge refund entries as the summary shows them.
+
+    Rows are stored per sighting key (the entry id, else `createdTime|amount`), which
+    converges trivially. Charges inside an Order often omit the entry ids their Charge
+    shows, so here an id-less row is folded into the one row with an id that has the same
+    charge, createdTime and amount, the greater version winning. When no such row or
+    several exist (two entries alike in time and amount), it stays on its own: guessing
+    would make the result depend on arrival order.
+    """
+    rows = dict(state.charge_refunds)
+    for key, row in state.charge_refunds.items():
+        if row.entry_id is not None:
+            continue
+        twins = [
+            other
+            for other in state.charge_refunds.values()
+            if other.entry_id is not None
+            and other.charge_id == row.charge_id
+            and other.created_time == row.created_time
+            and other.amount == row.amount
+        ]
+        if len(twins) != 1:
+            continue
+        (twin,) = twins
+        twin_key = (twin.charge_id, twin.entry_key)
+        if row.version() > rows[twin_key].version():
+            rows[twin_key] = replace(row, entry_key=twin.entry_key, entry_id=twin.entry_id)
+        del rows[key]
+    return sorted(rows.values(), key=lambda e: (e.charge_id, e.entry_key))
 
 
 _FIGURES = (
@@ -488,7 +480,7 @@ def summarize(state: OrderState, updated_at: datetime | None = None) -> dict[str
                 "state": e.state.value,
                 "amount": str(e.amount),
             }
-            for e in sorted(state.charge_refunds.values(), key=lambda e: (e.charge_id, e.entry_key))
+            for e in charge_refund_view(state)
         ],
         "chargebacks": [
             {"id": c.id, "type": c.type, "amount": str(c.amount)}

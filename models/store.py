@@ -257,15 +257,6 @@ def save_order(
             .values(order_id=order_id, id=refund.id, **values)
             .on_conflict_do_update(index_elements=[refunds.c.order_id, refunds.c.id], set_=values)
         )
-    gone = [key for key in before.charge_refunds if key not in after.charge_refunds]
-    for charge_id, entry_key in gone:
-        conn.execute(
-            charge_refunds.delete().where(
-                charge_refunds.c.order_id == order_id,
-                charge_refunds.c.charge_id == charge_id,
-                charge_refunds.c.entry_key == entry_key,
-            )
-        )
     for key, entry in after.charge_refunds.items():
         if before.charge_refunds.get(key) == entry:
             continue

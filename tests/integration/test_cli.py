@@ -19,7 +19,11 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     base.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "worker.cli", *args],
-        capture_output=True, text=True, env=base, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        env=base,
+        timeout=60,
+        check=False,
     )
 
 
@@ -45,7 +49,11 @@ def test_ingest_refuses_to_start_without_a_secret_even_through_uvicorn() -> None
     env["DR_WEBHOOK_SECRETS"] = " , "
     result = subprocess.run(
         [sys.executable, "-m", "uvicorn", "ingest.app:app", "--port", str(support.free_port())],
-        capture_output=True, text=True, env=env, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
     )
     assert result.returncode != 0
     assert "refundsync: DR_WEBHOOK_SECRETS must be set" in result.stderr
