@@ -99,7 +99,7 @@ async def list_events(request: Request) -> Response:
         records = await _query(request, store.event_records, outcome=outcome, limit=int(raw_limit))
     except SQLAlchemyError:
         return error(503, "database_unavailable", "the database is unreachable")
-    return ok({"data": records})
+    return ok(records)
 
 
 async def ready(request: Request) -> Response:
