@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 APPLY_TASK = "events.apply"
+SWEEP_TASK = "events.sweep"
 
 
 def apply_options(event_id: str, event_type: str) -> dict[str, Any]:

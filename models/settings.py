@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1, alias="REFUNDSYNC_MAX_BODY_BYTES")
     max_attempts: int = Field(default=8, ge=1, alias="REFUNDSYNC_MAX_ATTEMPTS")
     queue: str = Field(default="refundsync", min_length=1, alias="REFUNDSYNC_QUEUE")
+    stuck_after_seconds: int = Field(default=600, ge=10, alias="REFUNDSYNC_STUCK_AFTER_SECONDS")
+    sweep_interval_seconds: int = Field(default=60, ge=1, alias="REFUNDSYNC_SWEEP_INTERVAL_SECONDS")
 
     @field_validator("dr_webhook_secrets", mode="before")
     @classmethod

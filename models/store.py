@@ -51,6 +51,18 @@ class Delivery:
     outcome: Outcome
     attempts: int
     type: str
+    error: str | None
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An event as stored, enough to publish it again."""
+
+    id: str
+    type: str
+    payload: str
+    received_at: datetime
+    outcome: Outcome
 
 
 def record_delivery(
@@ -87,9 +99,14 @@ def record_delivery(
             "deliveries": webhook_events.c.deliveries + copies,
             "attempts": webhook_events.c.attempts + case((unfinished, 1), else_=0),
         },
-    ).returning(webhook_events.c.outcome, webhook_events.c.attempts, webhook_events.c.type)
+    ).returning(
+        webhook_events.c.outcome,
+        webhook_events.c.attempts,
+        webhook_events.c.type,
+        webhook_events.c.error,
+    )
     row = conn.execute(upsert).one()
-    return Delivery(Outcome(row.outcome), row.attempts, row.type)
+    return Delivery(Outcome(row.outcome), row.attempts, row.type, row.error)
 
 
 def lock_event(conn: Connection, event_id: str) -> Outcome | None:
@@ -360,6 +377,63 @@ def event_records(conn: Connection, *, outcome: str | None, limit: int) -> list[
     if outcome is not None:
         query = query.where(webhook_events.c.outcome == outcome)
     return [_record(row) for row in conn.execute(query.limit(limit))]
+
+
+_STORED_COLUMNS = (
+    webhook_events.c.id,
+    webhook_events.c.type,
+    cast(webhook_events.c.payload, Text).label("payload"),
+    webhook_events.c.received_at,
+    webhook_events.c.outcome,
+)
+
+
+def _stored(row: Any) -> StoredEvent:
+    return StoredEvent(row.id, row.type, row.payload, row.received_at, Outcome(row.outcome))
+
+
+def stored_events(conn: Connection, ids: list[str]) -> list[StoredEvent]:
+    """The stored events with these ids, in the order asked; unknown ids are left out."""
+    rows = {
+        row.id: _stored(row)
+        for row in conn.execute(select(*_STORED_COLUMNS).where(webhook_events.c.id.in_(ids)))
+    }
+    return [rows[event_id] for event_id in ids if event_id in rows]
+
+
+def failed_events(conn: Connection, limit: int) -> list[StoredEvent]:
+    """Failed events, oldest first (the order they are replayed in)."""
+    query = (
+        select(*_STORED_COLUMNS)
+        .where(webhook_events.c.outcome == Outcome.FAILED.value)
+        .order_by(webhook_events.c.received_at, webhook_events.c.id)
+        .limit(limit)
+    )
+    return [_stored(row) for row in conn.execute(query)]
+
+
+def stuck_events(conn: Connection, older_than_s: int, limit: int) -> list[StoredEvent]:
+    """Events received over `older_than_s` seconds ago and still unfinished."""
+    query = (
+        select(*_STORED_COLUMNS)
+        .where(
+            webhook_events.c.outcome == Outcome.QUEUED.value,
+            webhook_events.c.received_at
+            < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s),
+        )
+        .order_by(webhook_events.c.received_at)
+        .limit(limit)
+    )
+    return [_stored(row) for row in conn.execute(query)]
+
+
+def requeue(conn: Connection, event_id: str) -> None:
+    """Make an event unfinished again, with a fresh attempt budget, for a replay."""
+    conn.execute(
+        webhook_events.update()
+        .where(webhook_events.c.id == event_id)
+        .values(outcome=Outcome.QUEUED.value, attempts=0, error=None, processed_at=None)
+    )
 
 
 def ping(conn: Connection) -> None:

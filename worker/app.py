@@ -9,6 +9,7 @@ from __future__ import annotations
 from celery import Celery
 from celery.signals import worker_process_init
 
+from models.messages import SWEEP_TASK
 from models.settings import load_or_exit
 
 settings = load_or_exit("REDIS_URL")
@@ -24,7 +25,8 @@ TASK_TIME_LIMIT_S = 60
 # longest one must stay below the visibility timeout or the message would be run twice.
 MAX_RETRY_COUNTDOWN_S = 60
 
-app = Celery("refundsync", set_as_current=True)
+# Tasks are imported when a worker starts, not when a publisher imports the app.
+app = Celery("refundsync", set_as_current=True, include=["worker.tasks"])
 app.conf.update(
     broker_url=settings.redis_url,
     broker_connection_retry_on_startup=True,
@@ -50,7 +52,14 @@ app.conf.update(
     task_send_sent_event=False,
     enable_utc=True,
 )
-app.autodiscover_tasks(["worker"], related_name="tasks", force=True)
+app.conf.beat_schedule = {
+    "sweep-stuck-events": {
+        "task": SWEEP_TASK,
+        "schedule": float(settings.sweep_interval_seconds),
+        # A sweep that could not run in time is skipped, never piled up.
+        "options": {"expires": float(settings.sweep_interval_seconds)},
+    },
+}
 
 
 @worker_process_init.connect

@@ -13,10 +13,11 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import click
+from kombu.exceptions import OperationalError
 from sqlalchemy.exc import SQLAlchemyError
 
 from models.db import describe
-from models.errors import ConfigError
+from models.errors import ConfigError, RefundSyncError
 from models.settings import Settings, load_settings
 
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
@@ -166,6 +167,74 @@ def events_failed(limit: int) -> None:
     from models import store
 
     _print_json(_read(store.event_records, outcome="failed", limit=limit))
+
+
+@events.command("replay", help="Publish stored events again: the given ids, or every failed one.")
+@click.argument("event_ids", nargs=-1)
+@click.option("--failed", "all_failed", is_flag=True, help="Replay every failed event.")
+@click.option("--dry-run", is_flag=True, help="Print what each would change; touch nothing.")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 100_000))
+def events_replay(event_ids: tuple[str, ...], all_failed: bool, dry_run: bool, limit: int) -> None:
+    from models import store
+
+    if bool(event_ids) == all_failed:
+        raise click.UsageError("give event ids or --failed (one of the two)")
+    if all_failed:
+        found = _read(store.failed_events, limit)
+    else:
+        found = _read(store.stored_events, list(event_ids))
+    missing = sorted(set(event_ids) - {event.id for event in found})
+    if dry_run:
+        _preview(found)
+    else:
+        _replay(found)
+    if missing:
+        _fail(f"not found: {', '.join(missing)}")
+
+
+def _preview(found: list[Any]) -> None:
+    from worker import processing
+
+    settings = _settings("DATABASE_URL")
+    for event in found:
+        try:
+            result = processing.preview(settings, event)
+        except (SQLAlchemyError, RefundSyncError) as exc:
+            _fail(f"dry run of {event.id} failed: {exc}")
+        _print_json(
+            {
+                "id": event.id,
+                "type": event.type,
+                "outcome": result.outcome.value if result.outcome else None,
+                "reason": result.reason,
+                "changes": [
+                    {"entity": c.entity, "id": c.entity_id, "from": c.from_state, "to": c.to_state}
+                    for c in result.changes
+                ],
+            }
+        )
+
+
+def _replay(found: list[Any]) -> None:
+    from models import store
+    from models.db import transaction
+    from worker import processing
+
+    settings = _settings("DATABASE_URL", "REDIS_URL")
+    from worker.publish import republish
+
+    for event in found:
+        # Requeue first, then publish: if publishing fails, the sweeper still finds the
+        # event unfinished and publishes it later.
+        try:
+            with transaction(processing.engine(settings)) as conn:
+                store.requeue(conn, event.id)
+            republish([event], source="replay")
+        except SQLAlchemyError as exc:
+            _fail(f"replay of {event.id} failed: {describe(exc)}")
+        except OperationalError as exc:
+            _fail(f"replay of {event.id} failed: broker unreachable ({exc})")
+        click.echo(f"queued {event.id} {event.type}")
 
 
 def _read(fn: Any, *args: Any, **kwargs: Any) -> Any:

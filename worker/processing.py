@@ -22,7 +22,16 @@ from models import store
 from models.db import make_engine, transaction
 from models.errors import InvalidEvent, PermanentError, TransientError
 from models.payloads import Envelope, as_utc, load_json
-from models.rules import FINAL_OUTCOMES, EventRef, Ignore, Outcome, Plan, apply, interpret
+from models.rules import (
+    FINAL_OUTCOMES,
+    Change,
+    EventRef,
+    Ignore,
+    Outcome,
+    Plan,
+    apply,
+    interpret,
+)
 from models.settings import Settings, load_settings
 from worker.errors import classify
 
@@ -58,6 +67,9 @@ class Result:
     outcome: Outcome | None
     duplicate: bool = False
     reason: str | None = None
+    changes: tuple[Change, ...] = ()
+    event_type: str | None = None
+    order_id: str | None = None
 
 
 def header_of(data: Any) -> store.EventHeader:
@@ -138,11 +150,26 @@ def _process(
         )
         return Result(header.id, delivery.outcome, duplicate=True, reason="id reused")
     if delivery.attempts > settings.max_attempts:
-        return _fail(db, header.id, f"gave up after {settings.max_attempts} attempts")
+        last = f"; last error: {delivery.error}" if delivery.error else ""
+        return _fail(db, header.id, f"gave up after {settings.max_attempts} attempts{last}")
     try:
         return _db(lambda: _apply(db, settings, header.id, data))
     except PermanentError as exc:
         return _fail(db, header.id, str(exc))
+
+
+def preview(settings: Settings, event: store.StoredEvent) -> Result:
+    """What applying a stored event now would do, in a transaction that is rolled back."""
+    data = load_json(event.payload)
+    db = engine(settings)
+    with db.connect() as conn, conn.begin() as scope:
+        try:
+            store.requeue(conn, event.id)
+            return _db(lambda: _apply_in(conn, settings, event.id, data))
+        except PermanentError as exc:
+            return Result(event.id, Outcome.FAILED, reason=str(exc))
+        finally:
+            scope.rollback()
 
 
 def _record(
@@ -168,26 +195,44 @@ def _record(
         delivery = _db(lambda: record('{"unstorable": true}'))
         if delivery.outcome not in FINAL_OUTCOMES:
             _fail(db, header.id, str(exc))
-        return store.Delivery(Outcome.FAILED, delivery.attempts, delivery.type)
+        return store.Delivery(Outcome.FAILED, delivery.attempts, delivery.type, delivery.error)
 
 
 def _apply(db: Engine, settings: Settings, event_id: str, data: Any) -> Result:
     with transaction(db) as conn:
-        outcome = store.lock_event(conn, event_id)
-        if outcome in FINAL_OUTCOMES:
-            return Result(event_id, outcome, duplicate=True)
-        try:
-            envelope = Envelope.model_validate(data)
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            where = ".".join(str(part) for part in error["loc"])
-            raise InvalidEvent(f"{where}: {error['msg']}") from None
-        plan = interpret(envelope, settings.dr_live_mode)
-        if isinstance(plan, Ignore):
-            store.finish_event(conn, event_id, Outcome.IGNORED, error=plan.reason)
-            _log(event_id, envelope.type, Outcome.IGNORED, reason=plan.reason)
-            return Result(event_id, Outcome.IGNORED, reason=plan.reason)
-        return _apply_plan(conn, envelope, plan)
+        result = _apply_in(conn, settings, event_id, data)
+    # Logged once committed: a log line never claims what a rollback undid.
+    if not result.duplicate and result.outcome is not None:
+        for change in result.changes:
+            log.info(
+                "event.change event_id=%s order_id=%s entity=%s entity_id=%s from=%s to=%s",
+                event_id,
+                result.order_id,
+                change.entity,
+                change.entity_id,
+                change.from_state,
+                change.to_state,
+            )
+        fields = {"order_id": result.order_id, "reason": result.reason}
+        _log(event_id, result.event_type or "", result.outcome, **fields)
+    return result
+
+
+def _apply_in(conn: Connection, settings: Settings, event_id: str, data: Any) -> Result:
+    outcome = store.lock_event(conn, event_id)
+    if outcome in FINAL_OUTCOMES:
+        return Result(event_id, outcome, duplicate=True)
+    try:
+        envelope = Envelope.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise InvalidEvent(f"{where}: {error['msg']}") from None
+    plan = interpret(envelope, settings.dr_live_mode)
+    if isinstance(plan, Ignore):
+        store.finish_event(conn, event_id, Outcome.IGNORED, error=plan.reason)
+        return Result(event_id, Outcome.IGNORED, reason=plan.reason, event_type=envelope.type)
+    return _apply_plan(conn, envelope, plan)
 
 
 def _apply_plan(conn: Connection, envelope: Envelope, plan: Plan) -> Result:
@@ -196,18 +241,13 @@ def _apply_plan(conn: Connection, envelope: Envelope, plan: Plan) -> Result:
     if decision.changes:
         store.save_order(conn, state, decision.state, decision.changes, envelope.id)
     store.finish_event(conn, envelope.id, decision.outcome, order_id=plan.order_id)
-    for change in decision.changes:
-        log.info(
-            "event.change event_id=%s order_id=%s entity=%s entity_id=%s from=%s to=%s",
-            envelope.id,
-            plan.order_id,
-            change.entity,
-            change.entity_id,
-            change.from_state,
-            change.to_state,
-        )
-    _log(envelope.id, envelope.type, decision.outcome, order_id=plan.order_id)
-    return Result(envelope.id, decision.outcome)
+    return Result(
+        envelope.id,
+        decision.outcome,
+        changes=decision.changes,
+        event_type=envelope.type,
+        order_id=plan.order_id,
+    )
 
 
 def _fail(db: Engine, event_id: str, reason: str) -> Result:
@@ -236,5 +276,5 @@ def note_error(settings: Settings, event_id: str, error: str) -> None:
 
 
 def _log(event_id: str, event_type: str, outcome: Outcome, **fields: str | None) -> None:
-    extra = "".join(f" {key}={value}" for key, value in fields.items())
+    extra = "".join(f" {key}={value}" for key, value in fields.items() if value is not None)
     log.info("event.%s event_id=%s type=%s%s", outcome.value, event_id, event_type, extra)

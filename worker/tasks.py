@@ -11,10 +11,16 @@ from celery.exceptions import Reject
 from celery.utils.time import get_exponential_backoff_interval
 from kombu.exceptions import OperationalError
 
+from models import store
+from models.db import transaction
 from models.errors import TransientError
-from models.messages import APPLY_TASK, apply_options
+from models.messages import APPLY_TASK, SWEEP_TASK, apply_options
 from worker import processing
 from worker.app import MAX_RETRY_COUNTDOWN_S, app, settings
+from worker.publish import republish
+
+# At most this many stuck events are republished per sweep, so one sweep stays short.
+SWEEP_BATCH = 500
 
 log = logging.getLogger("refundsync.worker")
 
@@ -55,6 +61,22 @@ def apply_event(self: Task[Any, Any], body: str, received_at: str, source: str =
             raise Reject(str(publish_error), requeue=True) from exc
         raise retry from exc
     return result.outcome.value if result.outcome else "unrecordable"
+
+
+@app.task(name=SWEEP_TASK, ignore_result=True)
+def sweep_stuck_events() -> int:
+    """Publish again events recorded long ago but never finished.
+
+    Recovers a message lost between broker and worker (a Redis that lost data, a crash
+    between record and acknowledgement) without waiting for DR to retry. A copy that was
+    merely slow is harmless: the event row deduplicates it.
+    """
+    with transaction(processing.engine(settings)) as conn:
+        stuck = store.stuck_events(conn, settings.stuck_after_seconds, limit=SWEEP_BATCH)
+    count = republish(stuck, source="sweeper")
+    if count:
+        log.warning("events.swept count=%s older_than_s=%s", count, settings.stuck_after_seconds)
+    return count
 
 
 def _parse_time(value: str) -> datetime:

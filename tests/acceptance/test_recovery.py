@@ -1,0 +1,160 @@
+"""Getting events back: the stuck-event sweeper and `refundsync events replay`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+from tests import support
+from tests.conftest import Stack
+
+
+def _refund_event(order_id: str, state: str = "pending") -> dict[str, Any]:
+    return {
+        "id": str(uuid.uuid4()),
+        "type": "refund.pending" if state == "pending" else "refund.complete",
+        "createdTime": "2024-05-14T10:00:00Z",
+        "liveMode": False,
+        "data": {
+            "object": {
+                "id": f"re_{uuid.uuid4()}",
+                "orderId": order_id,
+                "currency": "USD",
+                "amount": 7.5,
+                "state": state,
+            }
+        },
+    }
+
+
+def _insert_lost(
+    stack: Stack, event: dict[str, Any], outcome: str = "queued", **values: Any
+) -> None:
+    """An event row whose message never reached a worker (or whose outcome we set)."""
+    with stack.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO webhook_events (id, type, created_time, live_mode, payload, outcome,"
+                " deliveries, attempts, error, received_at)"
+                " VALUES (:id, :type, :created, false, CAST(:payload AS jsonb), :outcome, 1,"
+                " :attempts, :error, now() - interval '1 hour')"
+            ),
+            {
+                "id": event["id"],
+                "type": event["type"],
+                "created": event["createdTime"],
+                "payload": json.dumps(event),
+                "outcome": outcome,
+                "attempts": values.get("attempts", 1),
+                "error": values.get("error"),
+            },
+        )
+
+
+def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _row(stack: Stack, event_id: str) -> Any:
+    with stack.engine.connect() as conn:
+        return conn.execute(
+            text("SELECT outcome, attempts, deliveries, error FROM webhook_events WHERE id = :id"),
+            {"id": event_id},
+        ).one()
+
+
+def test_sweeper_republishes_an_event_whose_message_was_lost(stack: Stack, tmp_path: Path) -> None:
+    order_id = f"ord-{uuid.uuid4().hex[:10]}"
+    event = _refund_event(order_id)
+    _insert_lost(stack, event)
+    beat = support.Process(
+        "beat",
+        ["beat", "--schedule", str(tmp_path / "beat-schedule")],
+        {**stack.env, "REFUNDSYNC_SWEEP_INTERVAL_SECONDS": "1"},
+    )
+    try:
+        assert support.wait_finished(stack.engine, [event["id"]], timeout=60) == {
+            event["id"]: "applied"
+        }
+    finally:
+        beat.stop()
+    assert _row(stack, event["id"]).deliveries >= 2
+    assert stack.api(f"/orders/{order_id}").json()["pendingRefundAmount"] == "7.50"
+
+
+def test_replay_dry_run_prints_the_change_and_touches_nothing(stack: Stack) -> None:
+    order_id = f"ord-{uuid.uuid4().hex[:10]}"
+    event = _refund_event(order_id, "succeeded")
+    _insert_lost(stack, event, outcome="failed", attempts=9, error="gave up after 8 attempts")
+
+    result = _cli(stack, "events", "replay", "--dry-run", event["id"])
+    assert result.returncode == 0, result.stderr
+    preview = json.loads(result.stdout)
+    assert preview["outcome"] == "applied"
+    assert [c["to"] for c in preview["changes"]] == ["succeeded"]
+    row = _row(stack, event["id"])
+    assert (row.outcome, row.attempts, row.error) == ("failed", 9, "gave up after 8 attempts")
+    assert stack.api(f"/orders/{order_id}").status_code == 404
+
+
+def test_replay_failed_applies_what_can_be_applied_and_refails_the_rest(stack: Stack) -> None:
+    order_id = f"ord-{uuid.uuid4().hex[:10]}"
+    recoverable = _refund_event(order_id, "succeeded")
+    _insert_lost(stack, recoverable, outcome="failed", attempts=9, error="gave up after 8 attempts")
+    broken = _refund_event(order_id)
+    broken["data"]["object"]["currency"] = "XXQ"
+    assert support.post_event(stack.base, broken).status_code == 202
+    assert support.wait_finished(stack.engine, [broken["id"]]) == {broken["id"]: "failed"}
+
+    result = _cli(stack, "events", "replay", "--failed")
+    assert result.returncode == 0, result.stderr
+    assert f"queued {recoverable['id']} refund.complete" in result.stdout
+    found = support.wait_finished(stack.engine, [recoverable["id"], broken["id"]])
+    assert found == {recoverable["id"]: "applied", broken["id"]: "failed"}
+    assert "unknown currency" in _row(stack, broken["id"]).error
+    assert _row(stack, broken["id"]).attempts == 1
+    assert stack.api(f"/orders/{order_id}").json()["refundedAmount"] == "7.50"
+
+
+def test_replay_of_an_applied_event_is_stale_and_changes_nothing(stack: Stack) -> None:
+    order_id = f"ord-{uuid.uuid4().hex[:10]}"
+    event = _refund_event(order_id)
+    assert support.post_event(stack.base, event).status_code == 202
+    support.wait_finished(stack.engine, [event["id"]])
+    before = stack.api(f"/orders/{order_id}").json()
+
+    result = _cli(stack, "events", "replay", event["id"])
+    assert result.returncode == 0, result.stderr
+    assert support.wait_finished(stack.engine, [event["id"]]) == {event["id"]: "stale"}
+    assert stack.api(f"/orders/{order_id}").json() == before
+
+
+def test_replay_usage_and_unknown_ids(stack: Stack) -> None:
+    assert _cli(stack, "events", "replay").returncode == 2
+    assert _cli(stack, "events", "replay", "--failed", "x").returncode == 2
+    result = _cli(stack, "events", "replay", "--dry-run", "no-such-event")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "refundsync: not found: no-such-event"
+
+
+def test_events_failed_lists_failed_events(stack: Stack) -> None:
+    event = _refund_event(f"ord-{uuid.uuid4().hex[:10]}")
+    del event["data"]["object"]["id"]
+    assert support.post_event(stack.base, event).status_code == 202
+    support.wait_finished(stack.engine, [event["id"]])
+    result = _cli(stack, "events", "failed")
+    assert result.returncode == 0
+    assert event["id"] in [record["id"] for record in json.loads(result.stdout)]
