@@ -6,6 +6,7 @@ It never touches Postgres and never parses more than the envelope's id and type.
 from __future__ import annotations
 
 import logging
+import re
 from datetime import UTC, datetime
 
 from starlette.requests import ClientDisconnect, Request
@@ -50,8 +51,20 @@ def _is_json(content_type: str | None) -> bool:
     )
 
 
+# Characters an event id or type must not hold: control characters (Postgres text cannot
+# store NUL; the others would forge log lines) and unpaired surrogates (not encodable as
+# UTF-8, so neither storable nor echoable in the 202 answer). Queued anyway, such an event
+# could never be recorded by a worker: it would vanish after a 202.
+_UNUSABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+
+
 def _text(value: object) -> str | None:
-    if isinstance(value, str) and value.strip() and len(value) <= 255:
+    if (
+        isinstance(value, str)
+        and value.strip()
+        and len(value) <= 255
+        and not _UNUSABLE.search(value)
+    ):
         return value
     return None
 
@@ -94,7 +107,11 @@ async def _receive(request: Request) -> Response:
         return error(400, "invalid_event", "body must be a JSON object")
     event_id, event_type = _text(event.get("id")), _text(event.get("type"))
     if event_id is None or event_type is None:
-        return error(400, "invalid_event", "event needs string id and type (1-255 characters)")
+        return error(
+            400,
+            "invalid_event",
+            "event needs string id and type (1-255 characters, no control characters)",
+        )
     received_at = datetime.now(UTC).isoformat()
     try:
         await publisher.publish_async(text, event_id, event_type, received_at)

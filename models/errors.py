@@ -22,3 +22,5 @@ class TransientError(RefundSyncError):
 
     event_id: str = ""
     event_type: str = ""
+    # Whether this copy of the event was already counted in `deliveries` before it failed.
+    counted: bool = False

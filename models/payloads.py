@@ -14,21 +14,40 @@ from enum import StrEnum
 from typing import Annotated, Any, TypeVar
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StringConstraints,
     ValidationError,
     model_validator,
 )
 
 from models.errors import InvalidEvent
-from models.money import check_currency, to_minor_unit
+from models.money import MAX_AMOUNT, check_currency, to_minor_unit
+
+# Deeper JSON is refused by load_json. DR's objects nest a handful of levels; without a
+# fixed bound, whether a deep body parses depends on the parser's remaining recursion
+# headroom, which differs between the ingest and a worker (so the ingest could accept
+# with 202 a body that no worker can read, and the event would vanish).
+MAX_JSON_DEPTH = 100
+
+
+def _utc_instant(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        # e.g. 9999-12-31T23:59:59-01:00: valid as written, past year 9999 in UTC.
+        raise ValueError("instant is out of range once converted to UTC") from None
+
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=255)]
 Amount = Annotated[Decimal, Field(allow_inf_nan=False)]
+# An aware time, normalised to UTC while validating so that no later conversion can fail.
+Instant = Annotated[AwareDatetime, AfterValidator(_utc_instant)]
 
 
 class RefundState(StrEnum):
@@ -84,7 +103,7 @@ class Refund(_DRModel):
     items: list[RefundItem] = Field(default_factory=list)
     reason: Annotated[str, StringConstraints(max_length=1000)] | None = None
     failureReason: Annotated[str, StringConstraints(max_length=1000)] | None = None
-    createdTime: AwareDatetime | None = None
+    createdTime: Instant | None = None
 
     @model_validator(mode="after")
     def _exact_amounts(self) -> Refund:
@@ -103,6 +122,10 @@ class Refund(_DRModel):
         object.__setattr__(self, "amount", _round(self.amount, currency))
         object.__setattr__(self, "refundedAmount", _round(self.refundedAmount, currency))
         object.__setattr__(self, "items", items)
+        # Item amounts are each in range, but an item-level refund's amount is their sum.
+        total = self.requested_amount()
+        if total >= MAX_AMOUNT:
+            raise InvalidEvent(f"refund amount {str(total)[:32]} (sum of items) is out of range")
         return self
 
     def requested_amount(self) -> Decimal:
@@ -122,7 +145,7 @@ class ChargeRefundEntry(_DRModel):
     """A refund entry inside a Charge. Not a Refund object and often without an id."""
 
     id: Id | None = None
-    createdTime: AwareDatetime | None = None
+    createdTime: Instant | None = None
     amount: Amount
     state: EntryState
 
@@ -209,8 +232,10 @@ class Envelope(_DRModel):
 
     id: Id
     type: Annotated[str, StringConstraints(min_length=1, max_length=255)]
-    createdTime: AwareDatetime
-    liveMode: bool | None = None
+    createdTime: Instant
+    # Strict: a string such as "false" is not coerced, so the DR_LIVE_MODE filter and the
+    # stored processing record (which keeps real booleans only) never disagree.
+    liveMode: StrictBool | None = None
     data: EventData
     digitalriverVersion: str | None = Field(
         default=None, validation_alias=AliasChoices("digitalriverVersion", "digitalRiverVersion")
@@ -222,8 +247,28 @@ def _reject_constant(name: str) -> Any:
 
 
 def load_json(raw: str | bytes) -> Any:
-    """Parse JSON with exact decimals; NaN and Infinity are refused."""
-    return json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
+    """Parse JSON with exact decimals; NaN, Infinity and nesting over MAX_JSON_DEPTH are
+    refused (ValueError; RecursionError for nesting too deep for the parser itself)."""
+    value = json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
+    _check_depth(value)
+    return value
+
+
+def _check_depth(value: Any) -> None:
+    """Raise ValueError if `value` nests deeper than MAX_JSON_DEPTH (walked level by level,
+    without recursion)."""
+    level = [value] if isinstance(value, dict | list) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"JSON nests deeper than {MAX_JSON_DEPTH} levels")
+        level = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, dict | list)
+        ]
 
 
 def parse_object(model: type[M], data: object) -> M:

@@ -87,7 +87,9 @@ def record_delivery(
         live_mode=header.live_mode,
         payload=cast(literal(raw, Text), JSONB),
         outcome=Outcome.QUEUED.value,
-        deliveries=copies,
+        # The first record is always a copy that reached a worker, even when it is a retry
+        # whose first try could not record it.
+        deliveries=1,
         attempts=1,
         received_at=received_at,
         source=source,

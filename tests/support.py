@@ -275,3 +275,153 @@ def engine_for(url: str) -> Engine:
 
 def load_fixture(name: str) -> bytes:
     return (FIXTURES / name).read_bytes()
+
+
+class PostgresCluster:
+    """A private PostgreSQL cluster on a free port, for tests that stop the database.
+
+    Made with Debian's pg_createcluster (which switches to the postgres user), never the
+    machine's shared cluster; dropped afterwards.
+    """
+
+    def __init__(self) -> None:
+        self.version = sorted(os.listdir("/etc/postgresql"))[-1]
+        self.name = f"rsfault{uuid.uuid4().hex[:8]}"
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/refundsync"
+
+    def create(self) -> PostgresCluster:
+        subprocess.run(
+            [
+                "pg_createcluster",
+                self.version,
+                self.name,
+                "-p",
+                str(self.port),
+                "--",
+                "--auth=trust",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        self.start()
+        admin = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE refundsync")
+        return self
+
+    def start(self) -> None:
+        subprocess.run(
+            ["pg_ctlcluster", "--skip-systemctl-redirect", self.version, self.name, "start"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    def stop(self) -> None:
+        subprocess.run(
+            [
+                "pg_ctlcluster",
+                "--skip-systemctl-redirect",
+                self.version,
+                self.name,
+                "stop",
+                "-m",
+                "fast",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    def drop(self) -> None:
+        subprocess.run(
+            ["pg_dropcluster", "--stop", self.version, self.name],
+            check=False,
+            capture_output=True,
+            timeout=120,
+        )
+
+
+def publish_all(redis_url: str, bodies: list[bytes]) -> None:
+    """Queue raw events the way the ingest does (same publisher, same message)."""
+    from datetime import UTC, datetime
+
+    from ingest.publish import Publisher
+
+    publisher = Publisher(redis_url, "refundsync")
+    try:
+        for body in bodies:
+            event = json.loads(body)
+            publisher.publish(
+                body.decode(), event["id"], event["type"], datetime.now(UTC).isoformat()
+            )
+    finally:
+        publisher.close()
+
+
+@dataclass
+class Tally:
+    """Zero lost, zero doubled: what the database says about a set of events."""
+
+    sent: int
+    applied: int
+    lost: int
+    doubled: int
+    suppressed: int
+    retried: int
+    failed: int
+
+    def line(self, scenario: str, recovery_s: float | None = None) -> str:
+        recovery = "-" if recovery_s is None else f"{recovery_s:.1f}"
+        return (
+            f"RELIABILITY scenario={scenario} sent={self.sent} applied={self.applied}"
+            f" lost={self.lost} doubled={self.doubled} suppressed={self.suppressed}"
+            f" retried={self.retried}"
+            f" failed={self.failed} recovery_s={recovery}"
+        )
+
+
+def tally(engine: Engine, ids: list[str]) -> Tally:
+    with engine.connect() as conn:
+        row = conn.execute(
+            text(
+                "SELECT count(*) FILTER (WHERE outcome IN ('applied', 'stale', 'ignored')) AS done,"
+                " count(*) FILTER (WHERE outcome = 'failed') AS failed,"
+                " coalesce(sum(deliveries - 1), 0) AS suppressed,"
+                " coalesce(sum(greatest(attempts - 1, 0)), 0) AS retried"
+                " FROM webhook_events WHERE id = ANY(:ids)"
+            ),
+            {"ids": ids},
+        ).one()
+        found = conn.execute(
+            text(
+                "SELECT count(*) FROM webhook_events WHERE id = ANY(:ids) AND outcome <> 'queued'"
+            ),
+            {"ids": ids},
+        ).scalar_one()
+        doubled = conn.execute(
+            text(
+                "SELECT count(*) FROM (SELECT event_id, entity, entity_id FROM refund_history"
+                " WHERE event_id = ANY(:ids) GROUP BY 1, 2, 3 HAVING count(*) > 1) d"
+            ),
+            {"ids": ids},
+        ).scalar_one()
+    return Tally(
+        sent=len(ids),
+        applied=int(row.done),
+        lost=len(ids) - int(found),
+        doubled=int(doubled),
+        suppressed=int(row.suppressed),
+        retried=int(row.retried),
+        failed=int(row.failed),
+    )
+
+
+def summaries(engine: Engine, order_ids: list[str]) -> dict[str, dict[str, Any]]:
+    from models.store import order_summary
+
+    with engine.connect() as conn:
+        found = {order_id: order_summary(conn, order_id) for order_id in order_ids}
+    return {k: {f: v for f, v in s.items() if f != "updatedAt"} for k, s in found.items() if s}

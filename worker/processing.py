@@ -120,25 +120,29 @@ def process(
         # refuses such bodies, so only a hand-made message gets here.
         log.warning("event.unrecordable reason=%s", str(exc)[:200])
         return Result(None, None, reason=str(exc)[:200])
+    db = engine(settings)
     try:
-        return _process(settings, header, data, body, received_at, source, new_copy)
+        delivery = _record(
+            db, header, body, received_at=received_at, source=source, new_copy=new_copy
+        )
+    except TransientError as exc:
+        exc.event_id, exc.event_type, exc.counted = header.id, header.type, False
+        raise
+    try:
+        return _process(settings, db, header, data, delivery)
     except TransientError as exc:
         note_error(settings, header.id, str(exc))
-        exc.event_id, exc.event_type = header.id, header.type
+        exc.event_id, exc.event_type, exc.counted = header.id, header.type, True
         raise
 
 
 def _process(
     settings: Settings,
+    db: Engine,
     header: store.EventHeader,
     data: Any,
-    body: str,
-    received_at: datetime,
-    source: str,
-    new_copy: bool,
+    delivery: store.Delivery,
 ) -> Result:
-    db = engine(settings)
-    delivery = _record(db, header, body, received_at=received_at, source=source, new_copy=new_copy)
     if delivery.outcome in FINAL_OUTCOMES:
         return Result(header.id, delivery.outcome, duplicate=True)
     if delivery.type != header.type:

@@ -26,8 +26,17 @@ log = logging.getLogger("refundsync.worker")
 
 
 @app.task(name=APPLY_TASK, bind=True, max_retries=None, acks_late=True)
-def apply_event(self: Task[Any, Any], body: str, received_at: str, source: str = "webhook") -> str:
-    """Apply one DR event (the raw webhook body) and return its outcome."""
+def apply_event(
+    self: Task[Any, Any],
+    body: str,
+    received_at: str,
+    source: str = "webhook",
+    counted: bool = False,
+) -> str:
+    """Apply one DR event (the raw webhook body) and return its outcome.
+
+    `counted` is set on retries of a copy already counted in `deliveries`.
+    """
     request = self.request
     redelivered = bool((request.delivery_info or {}).get("redelivered"))
     try:
@@ -37,7 +46,7 @@ def apply_event(self: Task[Any, Any], body: str, received_at: str, source: str =
             received_at=_parse_time(received_at),
             source=source,
             # A retry or a redelivery of this same message is not another copy from DR.
-            new_copy=request.retries == 0 and not redelivered,
+            new_copy=not counted and not redelivered,
         )
     except TransientError as exc:
         event_id, event_type = exc.event_id, exc.event_type
@@ -53,7 +62,10 @@ def apply_event(self: Task[Any, Any], body: str, received_at: str, source: str =
         )
         try:
             retry = self.retry(
-                countdown=countdown, throw=False, **apply_options(event_id, event_type)
+                kwargs={"counted": counted or exc.counted},
+                countdown=countdown,
+                throw=False,
+                **apply_options(event_id, event_type),
             )
         except (OperationalError, OSError) as publish_error:
             # The broker would not take the retry: put this very message back rather than
