@@ -56,8 +56,8 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(
         routes=[
             Route("/webhooks/digital-river", webhook.receive, methods=["POST"]),
-            Route("/orders/{order_id}", reads.get_order, methods=["GET"]),
-            Route("/events/{event_id}", reads.get_event, methods=["GET"]),
+            Route("/orders/{order_id:path}", reads.get_order, methods=["GET"]),
+            Route("/events/{event_id:path}", reads.get_event, methods=["GET"]),
             Route("/events", reads.list_events, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", reads.ready, methods=["GET"]),

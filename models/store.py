@@ -94,12 +94,15 @@ def record_delivery(
         received_at=received_at,
         source=source,
     )
+    # A copy whose type differs reuses another event's id: it is not that event and must
+    # not count as a delivery or an attempt of it.
+    same = webhook_events.c.type == statement.excluded.type
     unfinished = webhook_events.c.outcome == Outcome.QUEUED.value
     upsert = statement.on_conflict_do_update(
         index_elements=[webhook_events.c.id],
         set_={
-            "deliveries": webhook_events.c.deliveries + copies,
-            "attempts": webhook_events.c.attempts + case((unfinished, 1), else_=0),
+            "deliveries": webhook_events.c.deliveries + case((same, copies), else_=0),
+            "attempts": webhook_events.c.attempts + case((same & unfinished, 1), else_=0),
         },
     ).returning(
         webhook_events.c.outcome,

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from pydantic import AwareDatetime, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import Connection, Engine
 from sqlalchemy import exc as sa_exc
 
 from models import store
 from models.db import make_engine, transaction
 from models.errors import InvalidEvent, PermanentError, TransientError
-from models.payloads import Envelope, as_utc, load_json
+from models.payloads import Envelope, Instant, as_utc, load_json
 from models.rules import (
     FINAL_OUTCOMES,
     Change,
@@ -40,7 +40,7 @@ log = logging.getLogger("refundsync.worker")
 T = TypeVar("T")
 
 _engine: Engine | None = None
-_CREATED_TIME = TypeAdapter(AwareDatetime)
+_CREATED_TIME = TypeAdapter(Instant)
 
 
 def reset_engine() -> None:
