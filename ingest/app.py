@@ -6,16 +6,20 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from ingest import reads, webhook
+from ingest.metrics import StateCollector, exposition
 from ingest.publish import Publisher
+from ingest.reads import ReadDatabase
 from ingest.responses import error, ok
+from models import logs
 from models.settings import Settings, load_or_exit
 
 log = logging.getLogger("refundsync.ingest")
@@ -26,9 +30,10 @@ async def healthz(_: Request) -> Response:
     return ok({"status": "ok"})
 
 
-async def metrics(_: Request) -> Response:
+async def metrics(request: Request) -> Response:
     """`GET /metrics`: Prometheus text format."""
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    body = await run_in_threadpool(exposition, request.app.state.metrics)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 async def _http_error(_: Request, exc: Exception) -> Response:
@@ -43,15 +48,16 @@ def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         log.info(
-            "ingest.start secrets=%d live_mode=%s read_api=%s",
-            len(settings.dr_webhook_secrets),
-            settings.dr_live_mode,
-            "on" if settings.api_token else "off",
+            "ingest.start",
+            extra={
+                "secrets": len(settings.dr_webhook_secrets),
+                "live_mode": settings.dr_live_mode,
+                "read_api": "on" if settings.api_token else "off",
+            },
         )
         yield
         app.state.publisher.close()
-        if app.state.engine is not None:
-            app.state.engine.dispose()
+        app.state.db.dispose()
 
     app = Starlette(
         routes=[
@@ -68,8 +74,10 @@ def create_app(settings: Settings) -> Starlette:
     )
     app.state.settings = settings
     app.state.publisher = Publisher(settings.redis_url or "", settings.queue)
-    app.state.engine = None
+    app.state.db = ReadDatabase(settings.database_url or "")
+    app.state.metrics = StateCollector(app.state.publisher, app.state.db.engine)
     return app
 
 
+logs.configure()
 app = create_app(load_or_exit("REDIS_URL", "DATABASE_URL", "DR_WEBHOOK_SECRETS"))

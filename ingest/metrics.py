@@ -1,8 +1,25 @@
-"""Prometheus metrics of the ingest process."""
+"""Prometheus metrics of the ingest, and the state gauges read at scrape time."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+import os
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import REGISTRY, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from ingest.publish import BrokerUnavailable, Publisher
+from models import store
+from models.telemetry import MULTIPROC_ENV
 
 WEBHOOKS = Counter(
     "refundsync_webhooks_received_total", "Webhook requests answered, by status code", ["code"]
@@ -10,3 +27,57 @@ WEBHOOKS = Counter(
 SIGNATURE_FAILURES = Counter(
     "refundsync_signature_failures_total", "Webhook requests refused for their signature"
 )
+INGEST_SECONDS = Histogram(
+    "refundsync_ingest_seconds",
+    "Time to answer a webhook request, reading the body to the answer",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+
+
+class StateCollector(Collector):
+    """Gauges of what is waiting and what failed, read from Redis and Postgres per scrape."""
+
+    def __init__(self, publisher: Publisher, engine: Callable[[], Engine]) -> None:
+        self._publisher = publisher
+        self._engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily(
+            "refundsync_queue_depth", "Messages waiting in the worker queue (-1: Redis down)"
+        )
+        try:
+            depth.add_metric([], self._publisher.queue_depth())
+        except BrokerUnavailable:
+            depth.add_metric([], -1)
+        yield depth
+        oldest = GaugeMetricFamily(
+            "refundsync_oldest_unfinished_event_age_seconds",
+            "Age of the oldest event received but not finished (0: none; -1: database down)",
+        )
+        failed = GaugeMetricFamily(
+            "refundsync_failed_events", "Events whose outcome is failed (-1: database down)"
+        )
+        try:
+            with self._engine().connect() as conn:
+                backlog = store.backlog(conn)
+            oldest.add_metric([], backlog.oldest_unfinished_age_s)
+            failed.add_metric([], backlog.failed)
+        except SQLAlchemyError:
+            oldest.add_metric([], -1)
+            failed.add_metric([], -1)
+        yield oldest
+        yield failed
+
+
+def exposition(state: StateCollector) -> bytes:
+    """Every metric in Prometheus text format, added up over the service's processes."""
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        registry = REGISTRY
+    registry.register(state)
+    try:
+        return generate_latest(registry)
+    finally:
+        registry.unregister(state)

@@ -62,6 +62,15 @@ class Publisher:
             partial(self.publish, body, event_id, event_type, received_at)
         )
 
+    def queue_depth(self) -> int:
+        """Messages waiting in the worker queue; raise BrokerUnavailable if Redis is down."""
+        try:
+            with self._celery.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=1, timeout=BROKER_TIMEOUT_S)
+                return int(connection.default_channel.client.llen(self.queue))
+        except (OperationalError, RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"broker unreachable: {type(exc).__name__}") from exc
+
     def ping(self) -> None:
         """Raise BrokerUnavailable unless Redis answers."""
         try:

@@ -22,13 +22,27 @@ from models.settings import Settings
 MAX_LIMIT = 1000
 
 
+class ReadDatabase:
+    """The ingest's read-only use of Postgres, connected on first use: the webhook route
+    never needs it, so an ingest starts and queues events while Postgres is down."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._engine: Engine | None = None
+
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = make_engine(self._url, pool_size=4)
+        return self._engine
+
+    def dispose(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+
+
 def _engine(request: Request) -> Engine:
-    state = request.app.state
-    if state.engine is None:
-        settings: Settings = state.settings
-        state.engine = make_engine(settings.database_url or "", pool_size=4)
-    engine: Engine = state.engine
-    return engine
+    db: ReadDatabase = request.app.state.db
+    return db.engine()
 
 
 def _authorized(request: Request) -> bool:

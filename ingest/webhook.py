@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from datetime import UTC, datetime
 
 from starlette.requests import ClientDisconnect, Request
@@ -71,8 +72,10 @@ def _text(value: object) -> str | None:
 
 async def receive(request: Request) -> Response:
     """Verify and queue one DR event."""
+    started = time.perf_counter()
     response = await _receive(request)
     metrics.WEBHOOKS.labels(code=str(response.status_code)).inc()
+    metrics.INGEST_SECONDS.observe(time.perf_counter() - started)
     return response
 
 
@@ -96,7 +99,7 @@ async def _receive(request: Request) -> Response:
         )
     except SignatureError as exc:
         metrics.SIGNATURE_FAILURES.inc()
-        log.info("webhook.unauthorized reason=%s", exc)
+        log.info("webhook.unauthorized", extra={"reason": str(exc)})
         return error(401, "invalid_signature", str(exc))
     try:
         text = body.decode("utf-8")
@@ -116,12 +119,12 @@ async def _receive(request: Request) -> Response:
     try:
         await publisher.publish_async(text, event_id, event_type, received_at)
     except BrokerUnavailable as exc:
-        log.warning("webhook.broker_unavailable event_id=%s error=%s", event_id, exc)
+        log.warning("webhook.broker_unavailable", extra={"event_id": event_id, "error": str(exc)})
         return error(
             503,
             "broker_unavailable",
             "the queue is unreachable; retry later",
             headers={"Retry-After": RETRY_AFTER_S},
         )
-    log.info("webhook.queued event_id=%s type=%s", event_id, event_type)
+    log.info("webhook.queued", extra={"event_id": event_id, "type": event_type})
     return ok({"id": event_id, "status": "queued"}, status=202)

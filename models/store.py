@@ -441,6 +441,27 @@ def requeue(conn: Connection, event_id: str) -> None:
     )
 
 
+@dataclass(frozen=True)
+class Backlog:
+    """What operators alert on: the oldest unfinished event and the failed ones."""
+
+    oldest_unfinished_age_s: float
+    failed: int
+
+
+def backlog(conn: Connection) -> Backlog:
+    """Age of the oldest unfinished event (0 when none) and the count of failed events."""
+    row = conn.execute(
+        text(
+            "SELECT coalesce(extract(epoch FROM now() - min(received_at)"
+            " FILTER (WHERE outcome = 'queued')), 0) AS oldest,"
+            " count(*) FILTER (WHERE outcome = 'failed') AS failed"
+            " FROM webhook_events WHERE outcome IN ('queued', 'failed')"
+        )
+    ).one()
+    return Backlog(float(row.oldest), int(row.failed))
+
+
 def ping(conn: Connection) -> None:
     """Fail unless the database answers."""
     conn.execute(text("SELECT 1"))

@@ -148,6 +148,8 @@ def service_env(db_url: str, redis_url: str, **extra: str) -> dict[str, str]:
         REDIS_URL=redis_url,
         DR_WEBHOOK_SECRETS=f"{SECRET},{OTHER_SECRET}",
         REFUNDSYNC_API_TOKEN=API_TOKEN,
+        # Several workers share this host; a test that reads worker metrics picks a port.
+        REFUNDSYNC_METRICS_ADDR="",
         PYTHONUNBUFFERED="1",
     )
     env.update(extra)
@@ -157,12 +159,16 @@ def service_env(db_url: str, redis_url: str, **extra: str) -> dict[str, str]:
 class Process:
     """A refundsync subprocess whose output goes to a log file."""
 
-    def __init__(self, name: str, args: list[str], env: Mapping[str, str]) -> None:
+    def __init__(
+        self, name: str, args: list[str], env: Mapping[str, str], *, module: bool = True
+    ) -> None:
         self.name = name
         self.log_path = Path(tempfile.mkstemp(prefix=f"refundsync-{name}-", suffix=".log")[1])
         self._log = self.log_path.open("wb")
+        # By default the refundsync CLI; module=False runs `python <args>` as given.
+        command = [sys.executable, "-m", "worker.cli", *args] if module else [sys.executable, *args]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", *args],
+            command,
             env=dict(env),
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -6,11 +6,26 @@ even when a worker dies, and the convergence rule makes the "more than once" har
 
 from __future__ import annotations
 
-from celery import Celery
-from celery.signals import worker_process_init
+import logging
+import os
 
-from models.messages import SWEEP_TASK
-from models.settings import load_or_exit
+from models.telemetry import share_metrics_between_processes
+
+# Before anything imports prometheus_client, and before the pool forks.
+share_metrics_between_processes()
+
+from celery import Celery  # noqa: E402
+from celery.signals import (  # noqa: E402
+    beat_init,
+    setup_logging,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+)
+
+from models import logs  # noqa: E402
+from models.messages import RECONCILE_TASK, SWEEP_TASK  # noqa: E402
+from models.settings import load_or_exit  # noqa: E402
 
 settings = load_or_exit("REDIS_URL")
 
@@ -68,6 +83,28 @@ app.conf.beat_schedule = {
         "options": {"expires": float(settings.sweep_interval_seconds)},
     },
 }
+if settings.dr_api_key is not None:
+    # Reconciliation with DR's Events API needs a key; without one it is off
+    # (docs/reconciliation.md).
+    app.conf.beat_schedule["reconcile-events"] = {
+        "task": RECONCILE_TASK,
+        "schedule": float(settings.reconcile_interval_seconds),
+        "options": {"expires": float(settings.reconcile_interval_seconds)},
+    }
+
+
+@setup_logging.connect
+def _logging(loglevel: str | None = None, **_: object) -> None:
+    # Connected, this replaces Celery's own logging setup with refundsync's JSON lines.
+    logs.configure(loglevel or "INFO")
+
+
+@beat_init.connect
+@worker_ready.connect
+def _reconcile_status(**_: object) -> None:
+    from worker.reconcile import log_status
+
+    log_status(settings)
 
 
 @worker_process_init.connect
@@ -76,3 +113,24 @@ def _after_fork(**_: object) -> None:
     from worker import processing
 
     processing.reset_engine()
+
+
+@worker_ready.connect
+def _serve_metrics(**_: object) -> None:
+    if settings.metrics_addr:
+        from worker import metrics
+
+        try:
+            metrics.serve(settings.metrics_addr)
+        except (OSError, ValueError) as exc:
+            # Another worker on this host may hold the port; events still flow.
+            logging.getLogger("refundsync.worker").warning(
+                "metrics.unavailable", extra={"address": settings.metrics_addr, "error": str(exc)}
+            )
+
+
+@worker_process_shutdown.connect
+def _pool_process_gone(pid: int | None = None, **_: object) -> None:
+    from worker import metrics
+
+    metrics.forget_process(pid or os.getpid())

@@ -21,6 +21,7 @@ from sqlalchemy import exc as sa_exc
 from models import store
 from models.db import make_engine, transaction
 from models.errors import InvalidEvent, PermanentError, TransientError
+from models.logs import bound
 from models.payloads import Envelope, Instant, as_utc, load_json
 from models.rules import (
     FINAL_OUTCOMES,
@@ -33,6 +34,7 @@ from models.rules import (
     interpret,
 )
 from models.settings import Settings, load_settings
+from worker import metrics
 from worker.errors import classify
 
 log = logging.getLogger("refundsync.worker")
@@ -118,8 +120,29 @@ def process(
     except (ValueError, RecursionError, InvalidEvent) as exc:
         # Without an id there is nothing to record the failure against; the ingest
         # refuses such bodies, so only a hand-made message gets here.
-        log.warning("event.unrecordable reason=%s", str(exc)[:200])
+        log.warning("event.unrecordable", extra={"reason": str(exc)[:200]})
         return Result(None, None, reason=str(exc)[:200])
+    with bound(event_id=header.id, event_type=header.type):
+        result = _process_copy(settings, header, data, body, received_at, source, new_copy)
+    metrics.observe(
+        header.type,
+        result.outcome,
+        duplicate=result.duplicate,
+        received_at=received_at,
+        created_time=header.created_time,
+    )
+    return result
+
+
+def _process_copy(
+    settings: Settings,
+    header: store.EventHeader,
+    data: Any,
+    body: str,
+    received_at: datetime,
+    source: str,
+    new_copy: bool,
+) -> Result:
     db = engine(settings)
     try:
         delivery = _record(
@@ -147,10 +170,8 @@ def _process(
         return Result(header.id, delivery.outcome, duplicate=True)
     if delivery.type != header.type:
         log.warning(
-            "event.id_conflict event_id=%s stored_type=%s type=%s",
-            header.id,
-            delivery.type,
-            header.type,
+            "event.id_conflict",
+            extra={"event_id": header.id, "stored_type": delivery.type, "type": header.type},
         )
         return Result(header.id, delivery.outcome, duplicate=True, reason="id reused")
     if delivery.attempts > settings.max_attempts:
@@ -209,13 +230,15 @@ def _apply(db: Engine, settings: Settings, event_id: str, data: Any) -> Result:
     if not result.duplicate and result.outcome is not None:
         for change in result.changes:
             log.info(
-                "event.change event_id=%s order_id=%s entity=%s entity_id=%s from=%s to=%s",
-                event_id,
-                result.order_id,
-                change.entity,
-                change.entity_id,
-                change.from_state,
-                change.to_state,
+                "event.change",
+                extra={
+                    "event_id": event_id,
+                    "order_id": result.order_id,
+                    "entity": change.entity,
+                    "entity_id": change.entity_id,
+                    "from": change.from_state,
+                    "to": change.to_state,
+                },
             )
         fields = {"order_id": result.order_id, "reason": result.reason}
         _log(event_id, result.event_type or "", result.outcome, **fields)
@@ -265,7 +288,7 @@ def _fail(db: Engine, event_id: str, reason: str) -> Result:
 
     outcome = _db(record_failure)
     if outcome is Outcome.FAILED:
-        log.warning("event.failed event_id=%s reason=%s", event_id, reason[:300])
+        log.warning("event.failed", extra={"event_id": event_id, "reason": reason[:300]})
         return Result(event_id, Outcome.FAILED, reason=reason)
     return Result(event_id, outcome, duplicate=True)
 
@@ -276,9 +299,9 @@ def note_error(settings: Settings, event_id: str, error: str) -> None:
         with transaction(engine(settings)) as conn:
             store.note_error(conn, event_id, error[:2000])
     except sa_exc.SQLAlchemyError:
-        log.debug("event.note_error_skipped event_id=%s", event_id)
+        log.debug("event.note_error_skipped", extra={"event_id": event_id})
 
 
 def _log(event_id: str, event_type: str, outcome: Outcome, **fields: str | None) -> None:
-    extra = "".join(f" {key}={value}" for key, value in fields.items() if value is not None)
-    log.info("event.%s event_id=%s type=%s%s", outcome.value, event_id, event_type, extra)
+    extra = {key: value for key, value in fields.items() if value is not None}
+    log.info(f"event.{outcome.value}", extra={"event_id": event_id, "type": event_type, **extra})

@@ -14,10 +14,12 @@ from kombu.exceptions import OperationalError
 from models import store
 from models.db import transaction
 from models.errors import TransientError
-from models.messages import APPLY_TASK, SWEEP_TASK, apply_options
+from models.logs import bound
+from models.messages import APPLY_TASK, RECONCILE_TASK, SWEEP_TASK, apply_options
 from worker import processing
 from worker.app import MAX_RETRY_COUNTDOWN_S, app, settings
 from worker.publish import republish
+from worker.reconcile import TASK_SOFT_TIME_LIMIT_S, TASK_TIME_LIMIT_S, run_scheduled
 
 # At most this many stuck events are republished per sweep, so one sweep stays short.
 SWEEP_BATCH = 500
@@ -38,6 +40,14 @@ def apply_event(
     `counted` is set on retries of a copy already counted in `deliveries`.
     """
     request = self.request
+    with bound(task_id=request.id):
+        return _apply_event(self, body, received_at, source, counted)
+
+
+def _apply_event(
+    self: Task[Any, Any], body: str, received_at: str, source: str, counted: bool
+) -> str:
+    request = self.request
     redelivered = bool((request.delivery_info or {}).get("redelivered"))
     try:
         result = processing.process(
@@ -54,11 +64,13 @@ def apply_event(
             factor=1, retries=request.retries, maximum=MAX_RETRY_COUNTDOWN_S, full_jitter=True
         )
         log.info(
-            "event.retry event_id=%s retries=%s countdown=%s error=%s",
-            event_id,
-            request.retries,
-            countdown,
-            exc,
+            "event.retry",
+            extra={
+                "event_id": event_id,
+                "retries": request.retries,
+                "countdown_s": round(countdown, 1),
+                "error": str(exc),
+            },
         )
         try:
             retry = self.retry(
@@ -87,8 +99,25 @@ def sweep_stuck_events() -> int:
         stuck = store.stuck_events(conn, settings.stuck_after_seconds, limit=SWEEP_BATCH)
     count = republish(stuck, source="sweeper")
     if count:
-        log.warning("events.swept count=%s older_than_s=%s", count, settings.stuck_after_seconds)
+        log.warning(
+            "events.swept",
+            extra={"count": count, "older_than_s": settings.stuck_after_seconds},
+        )
     return count
+
+
+@app.task(
+    name=RECONCILE_TASK,
+    ignore_result=True,
+    # Acknowledged on receipt: a run lost with its worker is redone by the next tick, and a
+    # long backfill must not be handed to a second worker when the visibility timeout ends.
+    acks_late=False,
+    soft_time_limit=TASK_SOFT_TIME_LIMIT_S,
+    time_limit=TASK_TIME_LIMIT_S,
+)
+def reconcile_events() -> int:
+    """Publish events DR's Events API has that were never applied (see worker.reconcile)."""
+    return run_scheduled(settings, processing.engine(settings))
 
 
 def _parse_time(value: str) -> datetime:

@@ -1,0 +1,71 @@
+"""Prometheus metrics of the workers, served by each worker's main process."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    multiprocess,
+    start_http_server,
+)
+
+from models.rules import HANDLED_EVENTS, Outcome
+from models.telemetry import MULTIPROC_ENV
+
+EVENTS = Counter(
+    "refundsync_events_total",
+    "Event copies processed, by type and outcome (duplicate: already finished)",
+    ["type", "outcome"],
+)
+_AGE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600, 86400)
+APPLY_AGE = Histogram(
+    "refundsync_event_apply_age_seconds",
+    "Age of an event when applied: since DR created it (dr_created) or the ingest got it",
+    ["since"],
+    buckets=_AGE_BUCKETS,
+)
+
+
+def type_label(event_type: str | None) -> str:
+    """The event type, or `other`: labels stay few whatever types arrive."""
+    return event_type if event_type in HANDLED_EVENTS else "other"
+
+
+def observe(
+    event_type: str | None,
+    outcome: Outcome | None,
+    *,
+    duplicate: bool,
+    received_at: datetime,
+    created_time: datetime | None,
+) -> None:
+    """Count one processed copy; time it if it was applied."""
+    label = "duplicate" if duplicate else (outcome.value if outcome else "unrecordable")
+    EVENTS.labels(type=type_label(event_type), outcome=label).inc()
+    if outcome is Outcome.APPLIED and not duplicate:
+        now = datetime.now(UTC)
+        APPLY_AGE.labels(since="received").observe(max((now - received_at).total_seconds(), 0))
+        if created_time is not None:
+            age = max((now - created_time).total_seconds(), 0)
+            APPLY_AGE.labels(since="dr_created").observe(age)
+
+
+def serve(address: str) -> None:
+    """Serve /metrics for this worker (main process and pool) at `host:port`."""
+    host, _, port = address.rpartition(":")
+    registry = REGISTRY
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)  # noqa: S104
+
+
+def forget_process(pid: int) -> None:
+    """Drop a finished pool process's live gauges."""
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
