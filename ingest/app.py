@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from ingest import reads, webhook
 from ingest.metrics import StateCollector, exposition
-from ingest.publish import Publisher
+from ingest.publish import BrokerUnavailable, Publisher
 from ingest.reads import ReadDatabase
 from ingest.responses import error, ok
 from models import logs
@@ -32,7 +32,12 @@ async def healthz(_: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     """`GET /metrics`: Prometheus text format."""
-    body = await run_in_threadpool(exposition, request.app.state.metrics)
+    publisher: Publisher = request.app.state.publisher
+    try:
+        depth = await publisher.queue_depth()
+    except BrokerUnavailable:
+        depth = -1
+    body = await run_in_threadpool(exposition, request.app.state.metrics, depth)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
@@ -56,7 +61,7 @@ def create_app(settings: Settings) -> Starlette:
             },
         )
         yield
-        app.state.publisher.close()
+        await app.state.publisher.close()
         app.state.db.dispose()
 
     app = Starlette(
@@ -75,7 +80,7 @@ def create_app(settings: Settings) -> Starlette:
     app.state.settings = settings
     app.state.publisher = Publisher(settings.redis_url or "", settings.queue)
     app.state.db = ReadDatabase(settings.database_url or "")
-    app.state.metrics = StateCollector(app.state.publisher, app.state.db.engine)
+    app.state.metrics = StateCollector(app.state.db.engine)
     return app
 
 

@@ -17,7 +17,6 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from ingest.publish import BrokerUnavailable, Publisher
 from models import store
 from models.telemetry import MULTIPROC_ENV
 
@@ -37,18 +36,15 @@ INGEST_SECONDS = Histogram(
 class StateCollector(Collector):
     """Gauges of what is waiting and what failed, read from Redis and Postgres per scrape."""
 
-    def __init__(self, publisher: Publisher, engine: Callable[[], Engine]) -> None:
-        self._publisher = publisher
+    def __init__(self, engine: Callable[[], Engine]) -> None:
         self._engine = engine
+        self.queue_depth = 0
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily(
             "refundsync_queue_depth", "Messages waiting in the worker queue (-1: Redis down)"
         )
-        try:
-            depth.add_metric([], self._publisher.queue_depth())
-        except BrokerUnavailable:
-            depth.add_metric([], -1)
+        depth.add_metric([], self.queue_depth)
         yield depth
         oldest = GaugeMetricFamily(
             "refundsync_oldest_unfinished_event_age_seconds",
@@ -69,8 +65,12 @@ class StateCollector(Collector):
         yield failed
 
 
-def exposition(state: StateCollector) -> bytes:
-    """Every metric in Prometheus text format, added up over the service's processes."""
+def exposition(state: StateCollector, queue_depth: int) -> bytes:
+    """Every metric in Prometheus text format, added up over the service's processes.
+
+    `queue_depth` is read by the caller on the event loop (the Redis client is async).
+    """
+    state.queue_depth = queue_depth
     if os.environ.get(MULTIPROC_ENV):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

@@ -121,7 +121,7 @@ async def ready(request: Request) -> Response:
     publisher: Publisher = request.app.state.publisher
     failed = []
     try:
-        await run_in_threadpool(publisher.ping)
+        await publisher.ping()
     except BrokerUnavailable:
         failed.append("redis")
     try:

@@ -117,7 +117,7 @@ async def _receive(request: Request) -> Response:
         )
     received_at = datetime.now(UTC).isoformat()
     try:
-        await publisher.publish_async(text, event_id, event_type, received_at)
+        await publisher.publish(text, event_id, event_type, received_at)
     except BrokerUnavailable as exc:
         log.warning("webhook.broker_unavailable", extra={"event_id": event_id, "error": str(exc)})
         return error(

@@ -352,19 +352,23 @@ class PostgresCluster:
 
 def publish_all(redis_url: str, bodies: list[bytes]) -> None:
     """Queue raw events the way the ingest does (same publisher, same message)."""
+    import asyncio
     from datetime import UTC, datetime
 
     from ingest.publish import Publisher
 
-    publisher = Publisher(redis_url, "refundsync")
-    try:
-        for body in bodies:
-            event = json.loads(body)
-            publisher.publish(
-                body.decode(), event["id"], event["type"], datetime.now(UTC).isoformat()
-            )
-    finally:
-        publisher.close()
+    async def publish() -> None:
+        publisher = Publisher(redis_url, "refundsync")
+        try:
+            for body in bodies:
+                event = json.loads(body)
+                await publisher.publish(
+                    body.decode(), event["id"], event["type"], datetime.now(UTC).isoformat()
+                )
+        finally:
+            await publisher.close()
+
+    asyncio.run(publish())
 
 
 @dataclass

@@ -3,6 +3,7 @@ no workers, so anything queued would still be sitting in the queue."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -316,3 +317,43 @@ def test_broker_down_is_503_with_retry_after_and_resent_event_is_applied(
         ingest.stop()
         engine.dispose()
         redis.cleanup()
+
+
+def test_ingest_message_has_the_shape_kombu_writes(empty_queue: BareIngest) -> None:
+    """The ingest wraps Celery's message itself; it must match what send_task writes."""
+    from celery import Celery
+
+    from models.messages import APPLY_TASK, apply_options
+
+    body = _event()
+    assert empty_queue.post(body, support.signed_headers(body)).status_code == 202
+    ours = json.loads(empty_queue.redis.cli("RPOP", QUEUE))
+    reference = Celery("reference", set_as_current=False)
+    reference.conf.update(broker_url=empty_queue.redis.url, task_serializer="json")
+    event = json.loads(body)
+    reference.send_task(
+        APPLY_TASK,
+        args=[body.decode(), "2024-01-01T00:00:00+00:00", "webhook"],
+        queue=QUEUE,
+        ignore_result=False,
+        **apply_options(event["id"], event["type"]),
+    )
+    reference.close()
+    theirs = json.loads(empty_queue.redis.cli("RPOP", QUEUE))
+
+    def shape(value: object) -> object:
+        if isinstance(value, dict):
+            return {key: shape(item) for key, item in value.items()}
+        return type(value).__name__
+
+    assert shape(ours) == shape(theirs)
+    # Ids differ per message; reply_to names a result consumer, and there is none.
+    volatile = {"id", "root_id", "origin", "correlation_id", "delivery_tag", "reply_to"}
+    for part in ("headers", "properties"):
+        same = {k: v for k, v in ours[part].items() if k not in volatile}
+        assert same == {k: v for k, v in theirs[part].items() if k not in volatile}
+    assert ours["content-type"] == theirs["content-type"] == "application/json"
+    assert (
+        json.loads(base64.b64decode(ours["body"]))[1:]
+        == json.loads(base64.b64decode(theirs["body"]))[1:]
+    )
