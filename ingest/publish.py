@@ -1,18 +1,19 @@
 """Publishing events.apply messages to the Celery queue on Redis, from the event loop.
 
-The message is built by Celery itself (`amqp.as_task_v2`: protocol 2 headers, `argsrepr`
-for monitors) and wrapped in kombu's Redis envelope, then pushed with one `LPUSH` on an
-asyncio connection: no thread hop and no kombu producer per request. A worker consumes it
-exactly as one sent with `send_task`, which the tests check.
+Celery itself builds the message's shape once (`amqp.as_task_v2`: protocol 2 headers,
+`argsrepr` for monitors); each request fills in its ids, wraps it in kombu's Redis
+envelope and pushes it with one `LPUSH` on an asyncio connection: no thread hop and no
+kombu producer per request. A worker consumes it exactly as one sent with `send_task`,
+which the tests check.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import uuid
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from celery import Celery
 from redis.exceptions import RedisError
@@ -34,9 +35,15 @@ class Publisher:
 
     def __init__(self, redis_url: str, queue: str) -> None:
         self.queue = queue
-        # Only builds messages; never connects.
-        self._celery = Celery("refundsync-ingest", set_as_current=False)
-        self._celery.conf.update(broker_url=redis_url, task_serializer="json")
+        # Only builds the message template; never connects.
+        celery = Celery("refundsync-ingest", set_as_current=False)
+        celery.conf.update(broker_url=redis_url, task_serializer="json")
+        template = celery.amqp.as_task_v2(
+            "", APPLY_TASK, args=[], kwargs={}, **apply_options("", "")
+        )
+        self._headers: dict[str, Any] = dict(template.headers)
+        self._properties: dict[str, Any] = dict(template.properties)
+        self._embed = template.body[2]
         self._redis: aioredis.Redis = aioredis.Redis.from_url(
             redis_url,
             socket_timeout=BROKER_TIMEOUT_S,
@@ -48,13 +55,12 @@ class Publisher:
         """The Redis list entry kombu's Redis transport would write for this task."""
         task_id = str(uuid.uuid4())
         labels = apply_options(event_id, event_type)
-        task = self._celery.amqp.as_task_v2(
-            task_id, APPLY_TASK, args=[body, received_at, "webhook"], kwargs={}, **labels
-        )
-        payload = json.dumps(task.body, separators=(",", ":")).encode()
+        headers = {**self._headers, **labels, "id": task_id, "root_id": task_id}
+        payload = orjson.dumps([[body, received_at, "webhook"], {}, self._embed])
         properties: dict[str, Any] = {
-            **task.properties,
+            **self._properties,
             **labels,
+            "correlation_id": task_id,
             "delivery_mode": 2,
             # The default exchange: routed (and restored after a lost worker) by queue name.
             "delivery_info": {"exchange": "", "routing_key": self.queue},
@@ -66,10 +72,10 @@ class Publisher:
             "body": base64.b64encode(payload).decode(),
             "content-encoding": "utf-8",
             "content-type": "application/json",
-            "headers": task.headers,
+            "headers": headers,
             "properties": properties,
         }
-        return json.dumps(envelope, separators=(",", ":")).encode()
+        return orjson.dumps(envelope)
 
     async def publish(self, body: str, event_id: str, event_type: str, received_at: str) -> None:
         """Queue one event; raise BrokerUnavailable if Redis did not take it."""

@@ -246,11 +246,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def load_json(raw: str | bytes) -> Any:
-    """Parse JSON with exact decimals; NaN, Infinity and nesting over MAX_JSON_DEPTH are
-    refused (ValueError; RecursionError for nesting too deep for the parser itself)."""
-    value = json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
-    _check_depth(value)
+def load_json(raw: str | bytes, *, exact: bool = True) -> Any:
+    """Parse JSON, numbers as exact decimals unless `exact` is False (the ingest reads only
+    the envelope's strings); NaN, Infinity and nesting over MAX_JSON_DEPTH are refused
+    (ValueError; RecursionError for nesting too deep for the parser itself)."""
+    value = json.loads(raw, parse_float=Decimal if exact else None, parse_constant=_reject_constant)
+    # Nesting cannot exceed the number of opening brackets, so a body with few of them
+    # (every real DR event) skips the walk.
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    brackets = text.count("[") + text.count("{")
+    if brackets > MAX_JSON_DEPTH:
+        _check_depth(value)
     return value
 
 
