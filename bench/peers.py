@@ -45,5 +45,10 @@ async def webhook(request: Request) -> Response:
     except SignatureError:
         return Response(status_code=401)
     event = await request.json()
-    celery.send_task(APPLY_TASK, args=[body.decode(), "", "webhook"], queue="refundsync")
+    celery.send_task(
+        APPLY_TASK,
+        args=[body.decode(), "", "webhook"],
+        queue="refundsync",
+        argsrepr=repr((event.get("id"), event.get("type"))),
+    )
     return Response('{"status":"queued"}', status_code=202, media_type="application/json")
