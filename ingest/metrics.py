@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 
 from prometheus_client import (
@@ -19,6 +20,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from models import store
 from models.telemetry import MULTIPROC_ENV
+
+_SCRAPE = threading.Lock()
 
 WEBHOOKS = Counter(
     "refundsync_webhooks_received_total", "Webhook requests answered, by status code", ["code"]
@@ -70,14 +73,16 @@ def exposition(state: StateCollector, queue_depth: int) -> bytes:
 
     `queue_depth` is read by the caller on the event loop (the Redis client is async).
     """
-    state.queue_depth = queue_depth
     if os.environ.get(MULTIPROC_ENV):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     else:
         registry = REGISTRY
-    registry.register(state)
-    try:
-        return generate_latest(registry)
-    finally:
-        registry.unregister(state)
+    # Scrapes run in threads; the state collector joins the shared registry one at a time.
+    with _SCRAPE:
+        state.queue_depth = queue_depth
+        registry.register(state)
+        try:
+            return generate_latest(registry)
+        finally:
+            registry.unregister(state)

@@ -51,7 +51,9 @@ def _authorized(request: Request) -> bool:
         return False
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     expected = settings.api_token.get_secret_value()
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), expected)
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        token.strip().encode(), expected.encode()
+    )
 
 
 async def _query(request: Request, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -107,7 +109,8 @@ async def list_events(request: Request) -> Response:
         allowed = ", ".join(o.value for o in Outcome)
         return error(400, "invalid_outcome", f"outcome must be one of {allowed}")
     raw_limit = request.query_params.get("limit", "100")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
+    valid = raw_limit.isascii() and raw_limit.isdecimal()
+    if not valid or not 1 <= int(raw_limit) <= MAX_LIMIT:
         return error(400, "invalid_limit", f"limit must be an integer from 1 to {MAX_LIMIT}")
     try:
         records = await _query(request, store.event_records, outcome=outcome, limit=int(raw_limit))

@@ -57,7 +57,7 @@ def verify(
         raise SignatureError(f"{HEADER} has no signature")
     timestamp_segment = segments[0]
     raw_ts = timestamp_segment.removeprefix("t=")
-    if not raw_ts.isdigit() or len(raw_ts) > 16:
+    if not (raw_ts.isascii() and raw_ts.isdecimal()) or len(raw_ts) > 16:
         raise SignatureError(f"{HEADER} timestamp is malformed")
     stamp = int(raw_ts)
     if stamp >= _MILLISECONDS_FROM:
@@ -65,9 +65,10 @@ def verify(
     current = time.time() if now is None else now
     if abs(current - stamp) > tolerance_s:
         raise SignatureError(f"{HEADER} timestamp is outside the {tolerance_s}s tolerance")
-    candidates = [_strip_prefix(segment) for segment in segments[1:]]
+    # Compared as bytes: compare_digest refuses non-ASCII text, and a header may hold any.
+    candidates = [_strip_prefix(segment).encode() for segment in segments[1:]]
     for secret in secrets:
-        expected = compute(secret, timestamp_segment, body)
+        expected = compute(secret, timestamp_segment, body).encode()
         # Check every candidate so the time taken does not reveal which one matched.
         matched = [hmac.compare_digest(expected, candidate) for candidate in candidates]
         if any(matched):

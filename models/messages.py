@@ -6,6 +6,7 @@ from typing import Any
 
 APPLY_TASK = "events.apply"
 SWEEP_TASK = "events.sweep"
+RECONCILE_TASK = "reconcile.events"
 
 
 def apply_options(event_id: str, event_type: str) -> dict[str, Any]:

@@ -240,10 +240,12 @@ def interpret(envelope: Envelope, live_mode: LiveMode) -> Plan | Ignore:
     if envelope.type == "order.refunded":
         order = parse_object(Order, obj)
         return Plan(order_id=order.id, currency=order.currency, order=order)
-    # sales_transaction.created
+    # sales_transaction.created: only chargebacks matter, whatever else the object holds.
+    if obj.get("type") not in CHARGEBACK_TYPES:
+        kind = obj.get("type")
+        shown = kind[:64] if isinstance(kind, str) else type(kind).__name__
+        return Ignore(f"sales transaction type {shown} is not a chargeback")
     sale = parse_object(SalesTransaction, obj)
-    if sale.type not in CHARGEBACK_TYPES:
-        return Ignore(f"sales transaction type {sale.type} is not a chargeback")
     return Plan(order_id=sale.orderId, currency=sale.currency, sales_transaction=sale)
 
 

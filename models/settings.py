@@ -30,10 +30,18 @@ class Settings(BaseSettings):
     dr_api_base_url: str = Field(default="https://api.digitalriver.com", alias="DR_API_BASE_URL")
     dr_api_key: SecretStr | None = Field(default=None, alias="DR_API_KEY")
     max_body_bytes: int = Field(default=1_048_576, ge=1, alias="REFUNDSYNC_MAX_BODY_BYTES")
-    max_attempts: int = Field(default=8, ge=1, alias="REFUNDSYNC_MAX_ATTEMPTS")
+    max_attempts: int = Field(default=5, ge=1, alias="REFUNDSYNC_MAX_ATTEMPTS")
+    max_retries: int = Field(default=20, ge=0, alias="REFUNDSYNC_MAX_RETRIES")
     queue: str = Field(default="refundsync", min_length=1, alias="REFUNDSYNC_QUEUE")
+    metrics_addr: str = Field(default="127.0.0.1:9540", alias="REFUNDSYNC_METRICS_ADDR")
     stuck_after_seconds: int = Field(default=600, ge=10, alias="REFUNDSYNC_STUCK_AFTER_SECONDS")
     sweep_interval_seconds: int = Field(default=60, ge=1, alias="REFUNDSYNC_SWEEP_INTERVAL_SECONDS")
+    reconcile_interval_seconds: int = Field(
+        default=900, ge=1, alias="REFUNDSYNC_RECONCILE_INTERVAL_SECONDS"
+    )
+    reconcile_overlap_seconds: int = Field(
+        default=3600, ge=0, alias="REFUNDSYNC_RECONCILE_OVERLAP_SECONDS"
+    )
 
     @field_validator("dr_webhook_secrets", mode="before")
     @classmethod

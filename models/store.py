@@ -3,6 +3,7 @@ the caller's transaction scope decides what commits together."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -50,6 +51,7 @@ class Delivery:
 
     outcome: Outcome
     attempts: int
+    lost_attempts: int
     type: str
     error: str | None
 
@@ -64,6 +66,12 @@ class StoredEvent:
     received_at: datetime
     outcome: Outcome
 
+    @property
+    def unstorable(self) -> bool:
+        """Postgres refused the original payload; only a stand-in was kept."""
+        stored = json.loads(self.payload)
+        return isinstance(stored, dict) and stored.get("unstorable") is True
+
 
 def record_delivery(
     conn: Connection,
@@ -73,6 +81,7 @@ def record_delivery(
     received_at: datetime,
     source: str,
     new_copy: bool,
+    redelivered: bool = False,
 ) -> Delivery:
     """Insert the event row, or count one more copy of it.
 
@@ -80,6 +89,8 @@ def record_delivery(
     mid-task: a poison event is seen as such however its attempts ended.
     """
     copies = 1 if new_copy else 0
+    # A message that comes back unacknowledged means an attempt died with its worker.
+    lost = 1 if redelivered else 0
     statement = insert(webhook_events).values(
         id=header.id,
         type=header.type,
@@ -91,6 +102,7 @@ def record_delivery(
         # whose first try could not record it.
         deliveries=1,
         attempts=1,
+        lost_attempts=lost,
         received_at=received_at,
         source=source,
     )
@@ -103,15 +115,18 @@ def record_delivery(
         set_={
             "deliveries": webhook_events.c.deliveries + case((same, copies), else_=0),
             "attempts": webhook_events.c.attempts + case((same & unfinished, 1), else_=0),
+            "lost_attempts": webhook_events.c.lost_attempts
+            + case((same & unfinished, lost), else_=0),
         },
     ).returning(
         webhook_events.c.outcome,
         webhook_events.c.attempts,
+        webhook_events.c.lost_attempts,
         webhook_events.c.type,
         webhook_events.c.error,
     )
     row = conn.execute(upsert).one()
-    return Delivery(Outcome(row.outcome), row.attempts, row.type, row.error)
+    return Delivery(Outcome(row.outcome), row.attempts, row.lost_attempts, row.type, row.error)
 
 
 def lock_event(conn: Connection, event_id: str) -> Outcome | None:
@@ -437,7 +452,13 @@ def requeue(conn: Connection, event_id: str) -> None:
     conn.execute(
         webhook_events.update()
         .where(webhook_events.c.id == event_id)
-        .values(outcome=Outcome.QUEUED.value, attempts=0, error=None, processed_at=None)
+        .values(
+            outcome=Outcome.QUEUED.value,
+            attempts=0,
+            lost_attempts=0,
+            error=None,
+            processed_at=None,
+        )
     )
 
 

@@ -45,6 +45,13 @@ webhook_events = Table(
     Column("outcome", Text, nullable=False, server_default="queued"),
     Column("deliveries", Integer, nullable=False, server_default="0"),
     Column("attempts", Integer, nullable=False, server_default="0"),
+    Column(
+        "lost_attempts",
+        Integer,
+        nullable=False,
+        server_default="0",
+        comment="attempts whose message came back unacknowledged (worker killed or lost)",
+    ),
     Column("error", Text),
     Column("order_id", Text),
     Column("source", Text, nullable=False, server_default="webhook"),
@@ -136,4 +143,13 @@ refund_history = Table(
     Column("from_state", Text),
     Column("to_state", Text, nullable=False),
     Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+reconcile_checkpoints = Table(
+    "reconcile_checkpoints",
+    metadata,
+    Column("name", Text, primary_key=True, comment="what is reconciled, e.g. 'events'"),
+    _timestamp("position", nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    comment="createdTime up to which DR's Events API has been listed and published",
 )

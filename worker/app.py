@@ -18,6 +18,7 @@ from celery import Celery  # noqa: E402
 from celery.signals import (  # noqa: E402
     beat_init,
     setup_logging,
+    worker_init,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
@@ -105,6 +106,13 @@ def _reconcile_status(**_: object) -> None:
     from worker.reconcile import log_status
 
     log_status(settings)
+
+
+@worker_init.connect
+def _require_database(**_: object) -> None:
+    # Flower and beat import this app without a database; a worker must not start without
+    # one, or it would take messages it cannot record.
+    load_or_exit("REDIS_URL", "DATABASE_URL")
 
 
 @worker_process_init.connect

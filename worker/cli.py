@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -16,9 +16,11 @@ import click
 from kombu.exceptions import OperationalError
 from sqlalchemy.exc import SQLAlchemyError
 
+from models import logs
 from models.db import describe
 from models.errors import ConfigError, RefundSyncError
 from models.settings import Settings, load_settings
+from models.telemetry import share_metrics_between_processes
 
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 
@@ -41,7 +43,7 @@ def _print_json(value: Any) -> None:
 
 @click.group(help="Keep order refund data in sync with Digital River webhooks.")
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure()
 
 
 @main.command(help="Apply the database migrations (Alembic upgrade head).")
@@ -64,6 +66,7 @@ def ingest(host: str, port: int, workers: int) -> None:
     import uvicorn
 
     _settings("REDIS_URL", "DATABASE_URL", "DR_WEBHOOK_SECRETS")
+    share_metrics_between_processes()
     uvicorn.run(
         "ingest.app:app",
         host=host,
@@ -72,6 +75,8 @@ def ingest(host: str, port: int, workers: int) -> None:
         server_header=False,
         log_level="info",
         access_log=False,
+        # Keep refundsync's JSON logging instead of uvicorn's own format.
+        log_config=None,
     )
 
 
@@ -224,6 +229,9 @@ def _replay(found: list[Any]) -> None:
     from worker.publish import republish
 
     for event in found:
+        if event.unstorable:
+            click.echo(f"skipped {event.id} {event.type}: its payload could not be stored")
+            continue
         # Requeue first, then publish: if publishing fails, the sweeper still finds the
         # event unfinished and publishes it later.
         try:
@@ -249,6 +257,166 @@ def _read(fn: Any, *args: Any, **kwargs: Any) -> Any:
         _fail(f"database unavailable: {describe(exc)}")
     finally:
         engine.dispose()
+
+
+def _instant(_: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    """An ISO-8601 time option; one without an offset is read as UTC."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not an ISO-8601 time, e.g. 2024-05-01T00:00:00Z", param=param
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@main.command(
+    help="Publish the events DR's Events API has that were never applied, from the "
+    "checkpoint (minus the overlap) or --since; with --check-orders, compare refunded "
+    "amounts with DR's orders instead. Needs DR_API_KEY."
+)
+@click.option(
+    "--since",
+    callback=_instant,
+    default=None,
+    metavar="ISO",
+    help="List events created since then instead of since the checkpoint (a backfill). "
+    "With --check-orders: orders changed since then (default: the last 24 hours).",
+)
+@click.option("--dry-run", is_flag=True, help="List and decide; record, publish, move nothing.")
+@click.option(
+    "--check-orders",
+    is_flag=True,
+    help="Compare refundedAmount of recently changed orders with DR's GET /orders/{id}; "
+    "exit 1 if any differs.",
+)
+@click.option(
+    "--limit",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="With --check-orders: at most this many orders (one DR API call each).",
+)
+@click.option(
+    "--metrics-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --check-orders: also write the drift gauge there (Prometheus text format).",
+)
+def reconcile(
+    since: datetime | None,
+    dry_run: bool,
+    check_orders: bool,
+    limit: int,
+    metrics_file: Path | None,
+) -> None:
+    if check_orders and dry_run:
+        raise click.UsageError("--check-orders only reads; --dry-run does not apply to it")
+    if metrics_file is not None and not check_orders:
+        raise click.UsageError("--metrics-file goes with --check-orders")
+    settings = (
+        _settings("DATABASE_URL")
+        if dry_run or check_orders
+        else _settings("DATABASE_URL", "REDIS_URL")
+    )
+    if settings.dr_api_key is None:
+        _fail("reconciliation is off: DR_API_KEY is not set (see docs/reconciliation.md)")
+    if check_orders:
+        _check_orders(settings, since, limit, metrics_file)
+    else:
+        _reconcile_events(settings, since, dry_run)
+
+
+def _reconcile_events(settings: Settings, since: datetime | None, dry_run: bool) -> None:
+    from redis.exceptions import RedisError
+
+    from worker import processing
+    from worker import reconcile as job
+    from worker.dr_api import DRApiError
+
+    def nowhere(*_: object) -> None:
+        raise AssertionError("a dry run publishes nothing")
+
+    publish: job.Publish = nowhere
+    if not dry_run:
+        # Imported only to publish: it loads the Celery app, which needs REDIS_URL.
+        from worker.publish import publish_reconciled
+
+        publish = publish_reconciled
+    engine = processing.engine(settings)
+    try:
+        with job.client_for(settings) as client:
+            summary = job.run(settings, engine, client, publish, since=since, dry_run=dry_run)
+    except DRApiError as exc:
+        _fail(f"reconcile failed: {exc}; {_checkpoint_note(engine)}")
+    except SQLAlchemyError as exc:
+        _fail(f"reconcile failed: database unavailable: {describe(exc)}")
+    except (OperationalError, RedisError, OSError) as exc:
+        _fail(f"reconcile failed: broker unreachable ({exc}); {_checkpoint_note(engine)}")
+    if summary is None:
+        click.echo("reconcile: another reconcile is running; nothing published")
+        return
+    if summary.window.lost_from is not None:
+        click.echo(
+            f"refundsync: warning: events created from {_iso(summary.window.lost_from)} to"
+            f" {_iso(summary.window.start)} are older than DR's 30 days and cannot be"
+            " recovered from DR",
+            err=True,
+        )
+    click.echo(f"reconcile{' (dry run)' if dry_run else ''}: {summary.line()}")
+
+
+def _checkpoint_note(engine: Any) -> str:
+    from worker import reconcile as job
+
+    try:
+        position = job.load_checkpoint(engine)
+    except SQLAlchemyError:
+        return "the checkpoint did not move past the failure"
+    return f"checkpoint stays at {_iso(position) or 'none'}"
+
+
+def _check_orders(
+    settings: Settings, since: datetime | None, limit: int, metrics_file: Path | None
+) -> None:
+    from worker import processing
+    from worker import reconcile as job
+    from worker.dr_api import DRApiError
+
+    since = since or datetime.now(UTC) - timedelta(hours=24)
+    try:
+        with job.client_for(settings) as client:
+            report = job.check_orders(processing.engine(settings), client, since=since, limit=limit)
+    except DRApiError as exc:
+        _fail(f"order check failed: {exc}")
+    except SQLAlchemyError as exc:
+        _fail(f"order check failed: database unavailable: {describe(exc)}")
+    for drift in report.mismatches:
+        theirs = "not found" if drift.dr is None else str(drift.dr)
+        click.echo(
+            f"drift order={drift.order_id} currency={drift.currency}"
+            f" refundedAmount={drift.ours} dr={theirs}"
+        )
+    click.echo(
+        f"check-orders: checked={report.checked} mismatched={len(report.mismatches)}"
+        f" since={_iso(since)} api_calls={report.api_calls}"
+    )
+    if metrics_file is not None:
+        try:
+            job.write_drift_metric(metrics_file, len(report.mismatches))
+        except OSError as exc:
+            _fail(f"cannot write {metrics_file}: {exc.strerror or exc}")
+    if report.mismatches:
+        _fail(f"{len(report.mismatches)} of {report.checked} orders differ from DR")
+
+
+def _iso(value: datetime | None) -> str | None:
+    """An instant as DR writes them (UTC, `Z`)."""
+    from models.rules import iso
+
+    return iso(value)
 
 
 @main.command(help="Print a DigitalRiver-Signature header value for a payload file.")

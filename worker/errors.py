@@ -15,6 +15,11 @@ _TRANSIENT_SQLSTATES = (
     psycopg.errors.AdminShutdown,
     psycopg.errors.CannotConnectNow,
     psycopg.errors.TooManyConnections,
+    # A failover onto a standby, or workers started before `refundsync migrate` finished:
+    # both pass, and an event must wait for them rather than fail.
+    psycopg.errors.ReadOnlySqlTransaction,
+    psycopg.errors.UndefinedTable,
+    psycopg.errors.UndefinedColumn,
 )
 
 

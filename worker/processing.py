@@ -8,9 +8,10 @@ order apply one at a time), runs the pure rules and records the outcome.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -105,17 +106,23 @@ def _db(call: Callable[[], T]) -> T:
         raise classify(exc) from exc
 
 
-def process(
-    settings: Settings,
-    body: str,
-    *,
-    received_at: datetime,
-    source: str,
-    new_copy: bool,
-) -> Result:
+@dataclass(frozen=True)
+class Copy:
+    """One copy of an event as it reached a worker."""
+
+    body: str
+    received_at: datetime
+    source: str
+    # Not a retry or a redelivery of a copy already counted in `deliveries`.
+    new_copy: bool
+    # The message came back unacknowledged: an earlier attempt died with its worker.
+    redelivered: bool = False
+
+
+def process(settings: Settings, copy: Copy) -> Result:
     """Apply one copy of an event. Raises TransientError when it should be tried again."""
     try:
-        data = load_json(body)
+        data = load_json(copy.body)
         header = header_of(data)
     except (ValueError, RecursionError, InvalidEvent) as exc:
         # Without an id there is nothing to record the failure against; the ingest
@@ -123,31 +130,29 @@ def process(
         log.warning("event.unrecordable", extra={"reason": str(exc)[:200]})
         return Result(None, None, reason=str(exc)[:200])
     with bound(event_id=header.id, event_type=header.type):
-        result = _process_copy(settings, header, data, body, received_at, source, new_copy)
+        result = _process_copy(settings, header, data, copy)
     metrics.observe(
         header.type,
         result.outcome,
         duplicate=result.duplicate,
-        received_at=received_at,
+        received_at=copy.received_at,
         created_time=header.created_time,
     )
     return result
 
 
-def _process_copy(
-    settings: Settings,
-    header: store.EventHeader,
-    data: Any,
-    body: str,
-    received_at: datetime,
-    source: str,
-    new_copy: bool,
-) -> Result:
+def event_id_of(body: str) -> str | None:
+    """The event's id, if the body has a usable one."""
+    try:
+        return header_of(load_json(body)).id
+    except (ValueError, RecursionError, InvalidEvent):
+        return None
+
+
+def _process_copy(settings: Settings, header: store.EventHeader, data: Any, copy: Copy) -> Result:
     db = engine(settings)
     try:
-        delivery = _record(
-            db, header, body, received_at=received_at, source=source, new_copy=new_copy
-        )
+        delivery = _record(db, header, copy)
     except TransientError as exc:
         exc.event_id, exc.event_type, exc.counted = header.id, header.type, False
         raise
@@ -174,13 +179,16 @@ def _process(
             extra={"event_id": header.id, "stored_type": delivery.type, "type": header.type},
         )
         return Result(header.id, delivery.outcome, duplicate=True, reason="id reused")
-    if delivery.attempts > settings.max_attempts:
+    # Only attempts that died with their worker count here: a poison event. Transient
+    # errors are retried with their own limit, and concurrent copies never count.
+    if delivery.lost_attempts >= settings.max_attempts:
         last = f"; last error: {delivery.error}" if delivery.error else ""
-        return _fail(db, header.id, f"gave up after {settings.max_attempts} attempts{last}")
+        reason = f"gave up after {delivery.lost_attempts} attempts died with their worker{last}"
+        return fail(settings, header.id, reason)
     try:
         return _db(lambda: _apply(db, settings, header.id, data))
     except PermanentError as exc:
-        return _fail(db, header.id, str(exc))
+        return fail(settings, header.id, str(exc))
 
 
 def preview(settings: Settings, event: store.StoredEvent) -> Result:
@@ -197,30 +205,36 @@ def preview(settings: Settings, event: store.StoredEvent) -> Result:
             scope.rollback()
 
 
-def _record(
-    db: Engine,
-    header: store.EventHeader,
-    body: str,
-    *,
-    received_at: datetime,
-    source: str,
-    new_copy: bool,
-) -> store.Delivery:
+def _record(db: Engine, header: store.EventHeader, copy: Copy) -> store.Delivery:
     def record(raw: str) -> store.Delivery:
         with transaction(db) as conn:
             return store.record_delivery(
-                conn, header, raw, received_at=received_at, source=source, new_copy=new_copy
+                conn,
+                header,
+                raw,
+                received_at=copy.received_at,
+                source=copy.source,
+                new_copy=copy.new_copy,
+                redelivered=copy.redelivered,
             )
 
     try:
-        return _db(lambda: record(body))
+        return _db(lambda: record(copy.body))
     except PermanentError as exc:
         # Postgres refused the payload itself (e.g. a \u0000 in a string): keep the
         # record with a stand-in payload so the failure is visible and final.
-        delivery = _db(lambda: record('{"unstorable": true}'))
+        stand_in = json.dumps(
+            {"unstorable": True, "id": header.id, "type": header.type, "error": str(exc)[:300]}
+        )
+        try:
+            delivery = _db(lambda: record(stand_in))
+        except PermanentError as again:
+            # Not even the stand-in: the database itself refuses writes (read-only, schema
+            # missing). Never acknowledge such a copy; try again later.
+            raise TransientError(str(again)) from again
         if delivery.outcome not in FINAL_OUTCOMES:
-            _fail(db, header.id, str(exc))
-        return store.Delivery(Outcome.FAILED, delivery.attempts, delivery.type, delivery.error)
+            _mark_failed(db, header.id, str(exc))
+        return replace(delivery, outcome=Outcome.FAILED)
 
 
 def _apply(db: Engine, settings: Settings, event_id: str, data: Any) -> Result:
@@ -277,7 +291,12 @@ def _apply_plan(conn: Connection, envelope: Envelope, plan: Plan) -> Result:
     )
 
 
-def _fail(db: Engine, event_id: str, reason: str) -> Result:
+def fail(settings: Settings, event_id: str, reason: str) -> Result:
+    """Record a final `failed` outcome with its reason (unless the event already finished)."""
+    return _mark_failed(engine(settings), event_id, reason)
+
+
+def _mark_failed(db: Engine, event_id: str, reason: str) -> Result:
     def record_failure() -> Outcome | None:
         with transaction(db) as conn:
             outcome = store.lock_event(conn, event_id)

@@ -9,13 +9,13 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Reject
 from celery.utils.time import get_exponential_backoff_interval
-from kombu.exceptions import OperationalError
+from celery.worker.request import Request
 
 from models import store
 from models.db import transaction
 from models.errors import TransientError
 from models.logs import bound
-from models.messages import APPLY_TASK, RECONCILE_TASK, SWEEP_TASK, apply_options
+from models.messages import APPLY_TASK, RECONCILE_TASK, SWEEP_TASK
 from worker import processing
 from worker.app import MAX_RETRY_COUNTDOWN_S, app, settings
 from worker.publish import republish
@@ -27,7 +27,20 @@ SWEEP_BATCH = 500
 log = logging.getLogger("refundsync.worker")
 
 
-@app.task(name=APPLY_TASK, bind=True, max_retries=None, acks_late=True)
+class PrivateRequest(Request):  # type: ignore[misc]
+    """A task request that shows monitors its labels only.
+
+    Flower's worker page asks workers for their reserved and scheduled tasks, which Celery
+    answers with the real arguments unless asked for the safe view; the arguments hold the
+    payload (customer names, emails, addresses), so the safe view is the only one.
+    """
+
+    def info(self, safe: bool = False) -> dict[str, Any]:
+        info: dict[str, Any] = super().info(safe=True)
+        return info
+
+
+@app.task(name=APPLY_TASK, bind=True, max_retries=None, acks_late=True, Request=PrivateRequest)
 def apply_event(
     self: Task[Any, Any],
     body: str,
@@ -39,52 +52,64 @@ def apply_event(
 
     `counted` is set on retries of a copy already counted in `deliveries`.
     """
-    request = self.request
-    with bound(task_id=request.id):
+    with bound(task_id=self.request.id):
         return _apply_event(self, body, received_at, source, counted)
 
 
 def _apply_event(
     self: Task[Any, Any], body: str, received_at: str, source: str, counted: bool
 ) -> str:
-    request = self.request
-    redelivered = bool((request.delivery_info or {}).get("redelivered"))
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    copy = processing.Copy(
+        body,
+        _parse_time(received_at),
+        source,
+        # A retry or a redelivery of this same message is not another copy from DR.
+        new_copy=not counted and not redelivered,
+        redelivered=redelivered,
+    )
     try:
-        result = processing.process(
-            settings,
-            body,
-            received_at=_parse_time(received_at),
-            source=source,
-            # A retry or a redelivery of this same message is not another copy from DR.
-            new_copy=not counted and not redelivered,
-        )
+        result = processing.process(settings, copy)
     except TransientError as exc:
-        event_id, event_type = exc.event_id, exc.event_type
-        countdown = get_exponential_backoff_interval(
-            factor=1, retries=request.retries, maximum=MAX_RETRY_COUNTDOWN_S, full_jitter=True
-        )
-        log.info(
-            "event.retry",
-            extra={
-                "event_id": event_id,
-                "retries": request.retries,
-                "countdown_s": round(countdown, 1),
-                "error": str(exc),
-            },
-        )
-        try:
-            retry = self.retry(
-                kwargs={"counted": counted or exc.counted},
-                countdown=countdown,
-                throw=False,
-                **apply_options(event_id, event_type),
-            )
-        except (OperationalError, OSError) as publish_error:
-            # The broker would not take the retry: put this very message back rather than
-            # acknowledge it, so the event is not lost.
-            raise Reject(str(publish_error), requeue=True) from exc
-        raise retry from exc
+        return _retry(self, exc, counted=counted or exc.counted, event_id=exc.event_id)
+    except Exception as exc:
+        # The process edge: whatever went wrong, an event that did not finish is never
+        # acknowledged. It is retried like a transient error, and fails after the limit.
+        log.exception("event.unexpected_error")
+        return _retry(self, exc, counted=counted, event_id=processing.event_id_of(body))
     return result.outcome.value if result.outcome else "unrecordable"
+
+
+def _retry(task: Task[Any, Any], exc: Exception, *, counted: bool, event_id: str | None) -> str:
+    """Retry with backoff; after the retry limit, record the event as failed."""
+    request = task.request
+    if request.retries >= settings.max_retries and event_id:
+        reason = f"gave up after {request.retries} retries; last error: {exc}"[:2000]
+        try:
+            return processing.fail(settings, event_id, reason).outcome or "failed"
+        except TransientError:
+            pass  # not even the failure can be recorded: keep retrying, never drop it
+    countdown = get_exponential_backoff_interval(
+        factor=1, retries=request.retries, maximum=MAX_RETRY_COUNTDOWN_S, full_jitter=True
+    )
+    log.info(
+        "event.retry",
+        extra={"retries": request.retries, "countdown_s": round(countdown, 1), "error": str(exc)},
+    )
+    try:
+        retry = task.retry(
+            kwargs={"counted": counted},
+            countdown=countdown,
+            throw=False,
+            # The monitor labels travel with the retry; the arguments hold the payload.
+            argsrepr=request.argsrepr,
+            kwargsrepr=request.kwargsrepr,
+        )
+    except Reject as publish_failed:
+        # Celery could not publish the retry and would drop this message: put this very
+        # message back instead, so the event is not lost.
+        raise Reject(publish_failed.reason, requeue=True) from exc
+    raise retry from exc
 
 
 @app.task(name=SWEEP_TASK, ignore_result=True)

@@ -14,6 +14,10 @@ config = context.config
 engine = make_engine(config.get_main_option("sqlalchemy.url") or "", pool_size=1)
 
 with engine.connect() as connection:
+    # Waiting for another migrator may take longer than the service's lock timeout, and
+    # DDL may take longer than its statement timeout.
+    connection.execute(text("SET lock_timeout = 0"))
+    connection.execute(text("SET statement_timeout = 0"))
     connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
     connection.commit()
     try:

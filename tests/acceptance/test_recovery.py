@@ -158,3 +158,96 @@ def test_events_failed_lists_failed_events(stack: Stack) -> None:
     result = _cli(stack, "events", "failed")
     assert result.returncode == 0
     assert event["id"] in [record["id"] for record in json.loads(result.stdout)]
+
+
+def _unmigrated_rig(
+    tmp_path: Path, **env: str
+) -> tuple[support.Database, support.RedisServer, dict[str, str]]:
+    database = support.Database().create()
+    redis = support.RedisServer().start()
+    return database, redis, support.service_env(database.url, redis.url, **env)
+
+
+def test_worker_started_before_migrate_keeps_events_until_the_schema_exists(tmp_path: Path) -> None:
+    """Never acknowledged while it cannot be recorded; monitors see labels, not payloads."""
+    from models.migrate import upgrade
+
+    database, redis, env = _unmigrated_rig(tmp_path)
+    worker = None
+    engine = support.engine_for(database.url)
+    try:
+        event = _refund_event(f"ord-{uuid.uuid4().hex[:10]}")
+        event["data"]["object"]["reason"] = "jane@example.com at 221B Baker Street"
+        support.publish_all(redis.url, [json.dumps(event).encode()])
+        worker = support.start_worker(env, "early")
+        worker.wait_for_log("event.retry", timeout=60)
+        scheduled = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "inspect",
+                "scheduled",
+                "reserved",
+                "--json",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert event["id"] in scheduled.stdout + worker.log()
+        assert "jane@example.com" not in scheduled.stdout
+        assert "Baker Street" not in scheduled.stdout
+        upgrade(database.url)
+        assert support.wait_finished(engine, [event["id"]], timeout=120) == {event["id"]: "applied"}
+        assert "jane@example.com" not in worker.log()
+    finally:
+        if worker:
+            worker.stop()
+        engine.dispose()
+        redis.cleanup()
+        database.drop()
+
+
+def test_transient_errors_past_the_retry_limit_fail_the_event_with_the_last_error(
+    stack: Stack,
+) -> None:
+    redis = support.RedisServer().start()
+    env = {**stack.env, "REDIS_URL": redis.url, "REFUNDSYNC_MAX_RETRIES": "1"}
+    worker = None
+    order_id = f"ord-{uuid.uuid4().hex[:10]}"
+    event = _refund_event(order_id)
+    try:
+        worker = support.start_worker(env, "limited")
+        with stack.engine.connect() as holder:
+            # The order stays locked past every lock timeout of every attempt.
+            holder.execute(text("INSERT INTO orders (id) VALUES (:id)"), {"id": order_id})
+            support.publish_all(redis.url, [json.dumps(event).encode()])
+            found = support.wait_finished(stack.engine, [event["id"]], timeout=90)
+            holder.rollback()
+        assert found == {event["id"]: "failed"}
+        error = _row(stack, event["id"]).error
+        assert error.startswith("gave up after 1 retries; last error:")
+        assert "LockNotAvailable" in error
+    finally:
+        if worker:
+            worker.stop()
+        redis.cleanup()
+
+
+def test_celery_worker_without_a_database_refuses_to_start(stack: Stack) -> None:
+    env = {k: v for k, v in stack.env.items() if k != "DATABASE_URL"}
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", "solo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "refundsync: DATABASE_URL must be set" in result.stderr

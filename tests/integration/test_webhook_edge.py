@@ -357,3 +357,35 @@ def test_ingest_message_has_the_shape_kombu_writes(empty_queue: BareIngest) -> N
         json.loads(base64.b64decode(ours["body"]))[1:]
         == json.loads(base64.b64decode(theirs["body"]))[1:]
     )
+
+
+@pytest.mark.parametrize(
+    "signature",
+    ["t={now},v0=\u00e9\u00e9", "t={now},\u00e9", "t=\u0661\u0662,abc"],
+    ids=["non_ascii_signature", "non_ascii_bare_signature", "non_ascii_digits_timestamp"],
+)
+def test_non_ascii_signature_is_401_not_a_crash(empty_queue: BareIngest, signature: str) -> None:
+    body = _event()
+    header = signature.format(now=int(time.time())).encode()
+    response = httpx.post(
+        f"{empty_queue.base}/webhooks/digital-river",
+        content=body,
+        headers=[(b"Content-Type", b"application/json"), (b"DigitalRiver-Signature", header)],
+        timeout=10,
+    )
+    assert response.status_code == 401
+    assert response.json()["error"] == "invalid_signature"
+    assert empty_queue.queued() == 0
+
+
+def test_non_ascii_bearer_token_and_limit_are_refused_cleanly(bare: BareIngest) -> None:
+    token = httpx.get(
+        f"{bare.base}/events/x",
+        headers=[(b"Authorization", "Bearer \u00e9".encode())],
+        timeout=5,
+    )
+    assert token.status_code == 401
+    auth = {"Authorization": f"Bearer {support.API_TOKEN}"}
+    limit = httpx.get(f"{bare.base}/events?limit=%C2%B2", headers=auth, timeout=5)
+    assert limit.status_code == 400
+    assert limit.json()["error"] == "invalid_limit"

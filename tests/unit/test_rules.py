@@ -1376,3 +1376,17 @@ def test_example_story_in_any_order_with_duplicates(seed: int) -> None:
 def test_example_story_reversed() -> None:
     envs = [load_fixture(name) for name in reversed(STORY)]
     assert summarize(run(envs)) == STORY_SUMMARY
+
+
+def test_non_chargeback_sales_transaction_is_ignored_before_validation() -> None:
+    envelope = Envelope.model_validate(
+        {
+            "id": "evt-sale",
+            "type": "sales_transaction.created",
+            "createdTime": "2024-05-14T10:00:00Z",
+            "data": {"object": {"id": "st_1", "type": "sale"}},
+        }
+    )
+    plan = interpret(envelope, "any")
+    assert isinstance(plan, Ignore)
+    assert "sale" in plan.reason
