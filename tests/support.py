@@ -167,16 +167,21 @@ class Process:
         self._log = self.log_path.open("wb")
         # By default the refundsync CLI; module=False runs `python <args>` as given.
         command = [sys.executable, "-m", "worker.cli", *args] if module else [sys.executable, *args]
+        # A metrics directory of its own, removed with the process even if it is killed.
+        self.metrics_dir = tempfile.mkdtemp(prefix=f"refundsync-test-metrics-{name}-")
         self.proc = subprocess.Popen(
             command,
-            env=dict(env),
+            env={**env, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""  # removed when the process was stopped
 
     def wait_for_log(self, needle: str, timeout: float = 30) -> None:
         def seen() -> bool:
@@ -196,6 +201,8 @@ class Process:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         self._log.close()
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        self.log_path.unlink(missing_ok=True)
 
 
 def start_ingest(env: Mapping[str, str]) -> tuple[Process, str]:

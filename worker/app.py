@@ -9,14 +9,10 @@ from __future__ import annotations
 import logging
 import os
 
-from models.telemetry import share_metrics_between_processes
-
-# Before anything imports prometheus_client, and before the pool forks.
-share_metrics_between_processes()
-
-from celery import Celery  # noqa: E402
-from celery.signals import (  # noqa: E402
+from celery import Celery
+from celery.signals import (
     beat_init,
+    import_modules,
     setup_logging,
     worker_init,
     worker_process_init,
@@ -24,9 +20,10 @@ from celery.signals import (  # noqa: E402
     worker_ready,
 )
 
-from models import logs  # noqa: E402
-from models.messages import RECONCILE_TASK, SWEEP_TASK  # noqa: E402
-from models.settings import load_or_exit  # noqa: E402
+from models import logs
+from models.messages import RECONCILE_TASK, SWEEP_TASK
+from models.settings import load_or_exit
+from models.telemetry import share_metrics_between_processes
 
 settings = load_or_exit("REDIS_URL")
 
@@ -106,6 +103,13 @@ def _reconcile_status(**_: object) -> None:
     from worker.reconcile import log_status
 
     log_status(settings)
+
+
+@import_modules.connect
+def _metrics_directory(**_: object) -> None:
+    # Before the worker imports its tasks (and with them prometheus_client) and before the
+    # pool forks, so every pool process counts into files the main process adds up.
+    share_metrics_between_processes()
 
 
 @worker_init.connect

@@ -139,6 +139,12 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _print_logs(processes: list[support.Process]) -> None:
+    """Show the private processes' logs in the report of a failed test."""
+    for process in processes:
+        print(f"--- log of {process.name} ---\n{process.log()[-6000:]}")
+
+
 # ---------------------------------------------------------------------------------------
 # The broker lost what the ingest accepted
 
@@ -203,6 +209,9 @@ def test_events_accepted_then_flushed_from_the_broker_are_all_applied_by_one_run
         # From the checkpoint minus the hour of overlap: one slice, these events' pages.
         assert again["api_calls"] == str(pages) == str(len(fake.event_requests()) - calls_before)
         assert {row.deliveries for row in _rows(engine, ids).values()} == {1}
+    except BaseException:
+        _print_logs(processes)
+        raise
     finally:
         for process in processes:
             process.stop()
@@ -266,6 +275,9 @@ def test_beat_reconciles_on_its_interval_when_a_key_is_set(
         assert fake.url in beat.log()
         assert API_KEY not in beat.log() + worker.log()
         assert _checkpoint(engine) is not None
+    except BaseException:
+        _print_logs(processes)
+        raise
     finally:
         for process in processes:
             process.stop()
@@ -471,6 +483,9 @@ def test_a_run_right_after_another_leaves_what_it_published_to_its_messages(
         worker = support.start_worker(env, "late")
         try:
             support.wait_finished(engine, ids)
+        except BaseException:
+            _print_logs([worker])
+            raise
         finally:
             worker.stop()
         assert {row.deliveries for row in _rows(engine, ids).values()} == {1}
