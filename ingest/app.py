@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ingest import reads, webhook
 from ingest.metrics import StateCollector, exposition
@@ -47,8 +48,31 @@ async def _http_error(_: Request, exc: Exception) -> Response:
     return error(exc.status_code, code, str(exc.detail), headers=exc.headers)
 
 
-def create_app(settings: Settings) -> Starlette:
+WEBHOOK_PATH = "/webhooks/digital-river"
+
+
+class _WebhookFirst:
+    """Sends webhook POSTs straight to their endpoint, everything else through Starlette.
+
+    The webhook is the hot path; Starlette's middleware and router would cost more per
+    request than verifying and queueing the event.
+    """
+
+    def __init__(self, app: Starlette, endpoint: webhook.WebhookEndpoint) -> None:
+        self.app = app
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == WEBHOOK_PATH and scope["method"] == "POST":
+            await self.endpoint(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings) -> ASGIApp:
     """The app for `settings`; the webhook route needs a secret and a broker URL."""
+    publisher = Publisher(settings.redis_url or "", settings.queue)
+    endpoint = webhook.WebhookEndpoint(settings, publisher)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -66,7 +90,7 @@ def create_app(settings: Settings) -> Starlette:
 
     app = Starlette(
         routes=[
-            Route("/webhooks/digital-river", webhook.receive, methods=["POST"]),
+            Route(WEBHOOK_PATH, endpoint, methods=["POST"]),
             Route("/orders/{order_id:path}", reads.get_order, methods=["GET"]),
             Route("/events/{event_id:path}", reads.get_event, methods=["GET"]),
             Route("/events", reads.list_events, methods=["GET"]),
@@ -78,10 +102,10 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.publisher = Publisher(settings.redis_url or "", settings.queue)
+    app.state.publisher = publisher
     app.state.db = ReadDatabase(settings.database_url or "")
     app.state.metrics = StateCollector(app.state.db.engine)
-    return app
+    return _WebhookFirst(app, endpoint)
 
 
 logs.configure()

@@ -5,10 +5,15 @@ Celery itself builds the message's shape once (`amqp.as_task_v2`: protocol 2 hea
 envelope and pushes it with one `LPUSH` on an asyncio connection: no thread hop and no
 kombu producer per request. A worker consumes it exactly as one sent with `send_task`,
 which the tests check.
+
+Requests that arrive while a push is in flight are pushed together by the next one (one
+`LPUSH` with many values): the group commit of a database log, for Redis. Each request
+still answers only once Redis has taken its own message.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import uuid
 from typing import Any
@@ -44,6 +49,8 @@ class Publisher:
         self._headers: dict[str, Any] = dict(template.headers)
         self._properties: dict[str, Any] = dict(template.properties)
         self._embed = template.body[2]
+        self._waiting: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._pusher: asyncio.Task[None] | None = None
         self._redis: aioredis.Redis = aioredis.Redis.from_url(
             redis_url,
             socket_timeout=BROKER_TIMEOUT_S,
@@ -79,11 +86,31 @@ class Publisher:
 
     async def publish(self, body: str, event_id: str, event_type: str, received_at: str) -> None:
         """Queue one event; raise BrokerUnavailable if Redis did not take it."""
-        message = self.message(body, event_id, event_type, received_at)
-        try:
-            await self._redis.lpush(self.queue, message)
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable(f"broker unreachable: {type(exc).__name__}") from exc
+        taken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((self.message(body, event_id, event_type, received_at), taken))
+        if self._pusher is None or self._pusher.done():
+            self._pusher = asyncio.create_task(self._push())
+        await taken
+
+    async def _push(self) -> None:
+        """Push everything waiting, batch after batch, one LPUSH in flight at a time."""
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            failure: BrokerUnavailable | None = BrokerUnavailable("the push did not finish")
+            try:
+                await self._redis.lpush(self.queue, *(message for message, _ in batch))
+                failure = None
+            except (RedisError, OSError) as exc:
+                failure = BrokerUnavailable(f"broker unreachable: {type(exc).__name__}")
+            finally:
+                # Every request of the batch gets its answer, even if this task is cancelled.
+                for _, taken in batch:
+                    if taken.done():
+                        continue
+                    if failure is None:
+                        taken.set_result(None)
+                    else:
+                        taken.set_exception(failure)
 
     async def queue_depth(self) -> int:
         """Messages waiting in the worker queue; raise BrokerUnavailable if Redis is down."""
