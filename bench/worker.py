@@ -1,0 +1,238 @@
+"""Benchmark 2 (and 4): worker apply throughput against Celery's and Postgres's ceilings.
+
+    .venv/bin/python -m bench.worker [--events 20000] [--orders 2000] [--runs 3]
+    .venv/bin/python -m bench.worker --preload-events 1000000 --preload-orders 100000
+
+Events for `--orders` orders are preloaded in the queue; `refundsync worker --concurrency W`
+(W = 1, 2) drains them; the time until every event has its outcome gives events/s. In the
+same invocation: the same number of no-op Celery tasks drained with the same worker
+settings (Celery's ceiling), and pgbench running one event's database work (bench/apply.sql,
+Postgres's ceiling) with W clients. `--preload-*` fills the tables first (benchmark 4).
+Prints medians and ratios, and each worker's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from models.migrate import upgrade
+from tests import eventgen, support
+
+
+def _rss_kib(pid: int) -> int:
+    """Peak RSS of a process and its children (the pool)."""
+    total = 0
+    pids = [
+        pid,
+        *map(
+            int,
+            subprocess.run(
+                ["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False
+            ).stdout.split(),
+        ),
+    ]
+    for p in pids:
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except FileNotFoundError:
+            continue
+        total = max(total, int(re.search(r"VmHWM:\s+(\d+)", status).group(1)))  # type: ignore[union-attr]
+    return total
+
+
+def _drain(
+    env: dict[str, str], name: str, concurrency: int, done: Any, extra: list[str]
+) -> tuple[float, int]:
+    worker = support.Process(
+        name,
+        [
+            "worker",
+            "--concurrency",
+            str(concurrency),
+            "--without-mingle",
+            "--without-gossip",
+            "--hostname",
+            f"{name}@%h",
+            *extra,
+        ],
+        env,
+    )
+    try:
+        worker.wait_for_log("ready.", timeout=60)
+        started = time.monotonic()
+        peak = 0
+        while not done():
+            peak = max(peak, _rss_kib(worker.proc.pid))
+            time.sleep(0.05)
+        return time.monotonic() - started, peak
+    finally:
+        worker.stop()
+
+
+def _preload(url: str, events: int, orders: int) -> None:
+    """Fill the tables as a long-running deployment would have them."""
+    with psycopg.connect(url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO orders (id, currency) SELECT 'pre-' || g, 'USD'"
+            " FROM generate_series(1, %s) g",
+            (orders,),
+        )
+        conn.execute(
+            "INSERT INTO refunds (order_id, id, state, amount, refunded_amount, last_event_id,"
+            " last_event_time) SELECT 'pre-' || g, 're-pre-' || g, 'succeeded', 10, 10,"
+            " 'pre-e-' || g, now() FROM generate_series(1, %s) g",
+            (orders,),
+        )
+        conn.execute(
+            "INSERT INTO webhook_events (id, type, payload, outcome, deliveries, attempts,"
+            " received_at, processed_at, order_id) SELECT 'pre-e-' || g, 'refund.complete',"
+            " '{\"id\": \"x\"}', 'applied', 1, 1, now(), now(), 'pre-' || (g %% %s + 1)"
+            " FROM generate_series(1, %s) g",
+            (orders, events),
+        )
+        conn.execute(
+            "INSERT INTO refund_history (order_id, event_id, entity, entity_id, to_state)"
+            " SELECT 'pre-' || (g %% %s + 1), 'pre-e-' || g, 'refund', 're-pre-' || g,"
+            " 'succeeded' FROM generate_series(1, %s) g",
+            (orders, events),
+        )
+        conn.execute("ANALYZE")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--orders", type=int, default=2_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--preload-events", type=int, default=0)
+    parser.add_argument("--preload-orders", type=int, default=0)
+    args = parser.parse_args()
+    rng = random.Random(11)
+    per_order = args.events // args.orders
+    events = [
+        e
+        for n in range(args.orders)
+        for e in eventgen.order_history(rng, f"bw-{n}-{uuid.uuid4().hex[:6]}", per_order)
+    ]
+    bodies = [json.dumps(e).encode() for e in events]
+    results: dict[str, list[float]] = {}
+    peaks: dict[int, int] = {}
+    for run in range(args.runs):
+        for processes in (1, 2):
+            db = support.Database().create()
+            redis = support.RedisServer().start()
+            try:
+                upgrade(db.url)
+                if args.preload_events:
+                    _preload(db.url, args.preload_events, args.preload_orders)
+                env = support.service_env(db.url, redis.url, REFUNDSYNC_MAX_RETRIES="100")
+                support.publish_all(redis.url, bodies)
+                engine = support.engine_for(db.url)
+
+                def finished(engine: Any = engine) -> bool:
+                    with engine.connect() as conn:
+                        from sqlalchemy import text
+
+                        left = conn.execute(
+                            text(
+                                "SELECT count(*) FROM webhook_events WHERE outcome <> 'queued'"
+                                " AND id NOT LIKE 'pre-%'"
+                            )
+                        ).scalar_one()
+                    return int(left) >= len(bodies)
+
+                seconds, peak = _drain(env, f"apply{processes}", processes, finished, [])
+                engine.dispose()
+                results.setdefault(f"refundsync W={processes}", []).append(len(bodies) / seconds)
+                peaks[processes] = max(peaks.get(processes, 0), peak)
+
+                # Celery's ceiling: the same number of no-op tasks, same settings.
+                from celery import Celery
+
+                sender = Celery("bench", broker=redis.url, set_as_current=False)
+                with sender.producer_or_acquire() as producer:
+                    for body in bodies:
+                        sender.send_task(
+                            "bench.noop",
+                            args=[body.decode(), "", "webhook"],
+                            queue="refundsync",
+                            producer=producer,
+                        )
+                sender.close()
+                seconds, _ = _drain(
+                    env,
+                    f"noop{processes}",
+                    processes,
+                    lambda r=redis: (
+                        r.cli("LLEN", "refundsync") == "0" and r.cli("HLEN", "unacked") == "0"
+                    ),
+                    ["--include", "bench.noop_tasks"],
+                )
+                results.setdefault(f"celery no-op W={processes}", []).append(len(bodies) / seconds)
+
+                # Postgres's ceiling: one event's database work, W clients.
+                out = subprocess.run(
+                    [
+                        "pgbench",
+                        "-n",
+                        "-c",
+                        str(processes),
+                        "-j",
+                        str(processes),
+                        "-T",
+                        "10",
+                        "-f",
+                        str(Path(__file__).with_name("apply.sql")),
+                        db.url.replace("postgresql+psycopg", "postgresql"),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+                tps = float(re.search(r"tps = ([\d.]+)", out).group(1))  # type: ignore[union-attr]
+                results.setdefault(f"pgbench apply W={processes}", []).append(tps)
+            finally:
+                redis.cleanup()
+                db.drop()
+            print(
+                f"run {run + 1} W={processes}: "
+                + ", ".join(
+                    f"{k}={v[-1]:.0f}" for k, v in results.items() if k.endswith(f"W={processes}")
+                ),
+                flush=True,
+            )
+    print(
+        f"\n{len(bodies)} events for {args.orders} orders; medians over {args.runs} runs"
+        + (
+            f"; tables preloaded with {args.preload_events} events, {args.preload_orders} orders"
+            if args.preload_events
+            else ""
+        )
+    )
+    medians = {k: statistics.median(v) for k, v in results.items()}
+    print(f"{'':28} {'events/s':>10}")
+    for name, value in medians.items():
+        print(f"{name:28} {value:10.0f}")
+    for w in (1, 2):
+        ours = medians[f"refundsync W={w}"]
+        print(
+            f"W={w}: refundsync / celery no-op = {ours / medians[f'celery no-op W={w}']:.2f},"
+            f" refundsync / pgbench = {ours / medians[f'pgbench apply W={w}']:.2f},"
+            f" peak RSS of one worker process {peaks[w] / 1024:.0f} MiB"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
