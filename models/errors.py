@@ -21,6 +21,5 @@ class TransientError(RefundSyncError):
     """A passing failure (connection lost, deadlock, lock timeout); the event is retried."""
 
     event_id: str = ""
-    event_type: str = ""
     # Whether this copy of the event was already counted in `deliveries` before it failed.
     counted: bool = False

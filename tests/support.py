@@ -222,7 +222,8 @@ def start_ingest(env: Mapping[str, str]) -> tuple[Process, str]:
     return process, base
 
 
-def start_worker(env: Mapping[str, str], name: str, concurrency: int = 1) -> Process:
+def start_worker(env: Mapping[str, str], name: str, concurrency: int = 1, *extra: str) -> Process:
+    """A `refundsync worker`, once it is ready; stopped again if it never gets there."""
     process = Process(
         f"worker-{name}",
         [
@@ -233,10 +234,15 @@ def start_worker(env: Mapping[str, str], name: str, concurrency: int = 1) -> Pro
             f"{name}@%h",
             "--without-mingle",
             "--without-gossip",
+            *extra,
         ],
         env,
     )
-    process.wait_for_log("ready.", timeout=60)
+    try:
+        process.wait_for_log("ready.", timeout=60)
+    except BaseException:
+        process.stop()
+        raise
     return process
 
 

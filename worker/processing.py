@@ -154,13 +154,13 @@ def _process_copy(settings: Settings, header: store.EventHeader, data: Any, copy
     try:
         delivery = _record(db, header, copy)
     except TransientError as exc:
-        exc.event_id, exc.event_type, exc.counted = header.id, header.type, False
+        exc.event_id, exc.counted = header.id, False
         raise
     try:
         return _process(settings, db, header, data, delivery)
     except TransientError as exc:
         note_error(settings, header.id, str(exc))
-        exc.event_id, exc.event_type, exc.counted = header.id, header.type, True
+        exc.event_id, exc.counted = header.id, True
         raise
 
 

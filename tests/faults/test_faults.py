@@ -48,19 +48,8 @@ class Rig:
     processes: list[support.Process] = field(default_factory=list)
 
     def worker(self, name: str, concurrency: int = 2, *extra: str, **env: str) -> support.Process:
-        args = [
-            "worker",
-            "--concurrency",
-            str(concurrency),
-            "--hostname",
-            f"{name}@%h",
-            "--without-mingle",
-            "--without-gossip",
-            *extra,
-        ]
-        process = support.Process(f"worker-{name}", args, {**self.env, **env})
+        process = support.start_worker({**self.env, **env}, name, concurrency, *extra)
         self.processes.append(process)
-        process.wait_for_log("ready.", timeout=60)
         return process
 
 
