@@ -5,11 +5,30 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
-from sqlalchemy import Connection, Text, case, cast, func, literal, select, text
-from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy import (
+    CompoundSelect,
+    Connection,
+    Insert,
+    Integer,
+    Select,
+    Table,
+    Text,
+    Update,
+    bindparam,
+    case,
+    cast,
+    func,
+    literal,
+    null,
+    select,
+    text,
+    union_all,
+)
+from sqlalchemy.dialects import postgresql
 
 from models.payloads import EntryState, RefundState
 from models.rules import (
@@ -73,6 +92,164 @@ class StoredEvent:
         return isinstance(stored, dict) and stored.get("unstorable") is True
 
 
+def _upsert(table: Table, keys: tuple[str, ...], fields: tuple[str, ...]) -> Insert:
+    """Insert a row from bound parameters named after its columns, or update its fields."""
+    statement = postgresql.insert(table).values({name: bindparam(name) for name in keys + fields})
+    return statement.on_conflict_do_update(
+        index_elements=[table.c[key] for key in keys],
+        set_={name: statement.excluded[name] for name in fields},
+    )
+
+
+def _record_statement() -> Insert:
+    statement = postgresql.insert(webhook_events).values(
+        id=bindparam("id"),
+        type=bindparam("type"),
+        created_time=bindparam("created_time"),
+        live_mode=bindparam("live_mode"),
+        # Postgres parses the raw text; the payload is never decoded and encoded again here.
+        payload=cast(bindparam("payload", type_=Text), postgresql.JSONB),
+        outcome=Outcome.QUEUED.value,
+        # The first record is always a copy that reached a worker, even when it is a retry
+        # whose first try could not record it.
+        deliveries=1,
+        attempts=1,
+        lost_attempts=bindparam("lost", type_=Integer),
+        received_at=bindparam("received_at"),
+        source=bindparam("source"),
+    )
+    # A copy whose type differs reuses another event's id: it is not that event and must
+    # not count as a delivery or an attempt of it.
+    same = webhook_events.c.type == statement.excluded.type
+    unfinished = webhook_events.c.outcome == Outcome.QUEUED.value
+    return statement.on_conflict_do_update(
+        index_elements=[webhook_events.c.id],
+        set_={
+            "deliveries": webhook_events.c.deliveries
+            + case((same, bindparam("copies", type_=Integer)), else_=0),
+            "attempts": webhook_events.c.attempts + case((same & unfinished, 1), else_=0),
+            "lost_attempts": webhook_events.c.lost_attempts
+            + case((same & unfinished, bindparam("lost", type_=Integer)), else_=0),
+        },
+    ).returning(
+        webhook_events.c.outcome,
+        webhook_events.c.attempts,
+        webhook_events.c.lost_attempts,
+        webhook_events.c.type,
+        webhook_events.c.error,
+    )
+
+
+def _lock_order_statement() -> Insert:
+    # One statement creates the order if needed, locks its row and returns it: an upsert
+    # that changes nothing still takes the row lock a concurrent event for the order waits on.
+    statement = postgresql.insert(orders).values(id=bindparam("order_id"))
+    return statement.on_conflict_do_update(
+        index_elements=[orders.c.id], set_={"id": statement.excluded.id}
+    ).returning(*orders.c)
+
+
+_CHILD_COLUMNS = (
+    "id",
+    "charge_id",
+    "entry_key",
+    "entry_id",
+    "state",
+    "amount",
+    "refunded_amount",
+    "reason",
+    "failure_reason",
+    "created_time",
+    "type",
+    "last_event_id",
+    "last_event_time",
+)
+
+
+def _children_statement() -> CompoundSelect[Any]:
+    # An order's refunds, charge refund entries and chargebacks in one round trip: one row
+    # shape for all three, `kind` naming the table a row comes from.
+    def part(kind: str, table: Table) -> Select[Any]:
+        columns = [
+            table.c[name] if name in table.c else null().label(name) for name in _CHILD_COLUMNS
+        ]
+        return select(literal(kind).label("kind"), *columns).where(
+            table.c.order_id == bindparam("order_id")
+        )
+
+    return union_all(
+        part("refund", refunds), part("entry", charge_refunds), part("chargeback", chargebacks)
+    )
+
+
+_FIGURES = ("dr_refunded", "dr_available", "dr_total")
+_REFUND_FIELDS = (
+    "state",
+    "amount",
+    "refunded_amount",
+    "reason",
+    "failure_reason",
+    "created_time",
+    "last_event_id",
+    "last_event_time",
+)
+_ENTRY_FIELDS = ("entry_id", "created_time", "amount", "state", "last_event_id", "last_event_time")
+_CHARGEBACK_FIELDS = ("type", "amount", "last_event_id", "last_event_time")
+
+
+@dataclass(frozen=True)
+class _Statements:
+    """Every statement an event runs, built once.
+
+    A statement object caches its own cache key, so executing a prebuilt one skips building
+    and hashing it again: most of the client's cost of a small statement.
+    """
+
+    record: Insert
+    lock_event: Select[Any]
+    finish_event: Update
+    lock_order: Insert
+    children: CompoundSelect[Any]
+    save_order: Update
+    save_refund: Insert
+    save_entry: Insert
+    save_chargeback: Insert
+
+
+@cache
+def _statements() -> _Statements:
+    figure_columns = [f"{prefix}_{part}" for prefix in _FIGURES for part in _FIGURE_PARTS]
+    return _Statements(
+        record=_record_statement(),
+        lock_event=select(webhook_events.c.outcome)
+        .where(webhook_events.c.id == bindparam("event_id"))
+        .with_for_update(),
+        finish_event=webhook_events.update()
+        .where(webhook_events.c.id == bindparam("event_id"))
+        .values(
+            outcome=bindparam("new_outcome"),
+            error=bindparam("new_error"),
+            order_id=bindparam("new_order_id"),
+            processed_at=bindparam("processed_at"),
+        ),
+        lock_order=_lock_order_statement(),
+        children=_children_statement(),
+        save_order=orders.update()
+        .where(orders.c.id == bindparam("order_id"))
+        .values(
+            {
+                name: bindparam(f"new_{name}")
+                for name in ("currency", "chargeback_event_id", "chargeback_event_time")
+            }
+            | {name: bindparam(f"new_{name}") for name in figure_columns}
+            | {"updated_at": func.now()}
+        ),
+        save_refund=_upsert(refunds, ("order_id", "id"), _REFUND_FIELDS),
+        save_entry=_upsert(charge_refunds, ("order_id", "charge_id", "entry_key"), _ENTRY_FIELDS),
+        save_chargeback=_upsert(chargebacks, ("order_id", "id"), _CHARGEBACK_FIELDS),
+    )
+
+
 def record_delivery(
     conn: Connection,
     header: EventHeader,
@@ -88,52 +265,27 @@ def record_delivery(
     Committed on its own before processing, so `attempts` survives a worker that dies
     mid-task: a poison event is seen as such however its attempts ended.
     """
-    copies = 1 if new_copy else 0
-    # A message that comes back unacknowledged means an attempt died with its worker.
-    lost = 1 if redelivered else 0
-    statement = insert(webhook_events).values(
-        id=header.id,
-        type=header.type,
-        created_time=header.created_time,
-        live_mode=header.live_mode,
-        payload=cast(literal(raw, Text), JSONB),
-        outcome=Outcome.QUEUED.value,
-        # The first record is always a copy that reached a worker, even when it is a retry
-        # whose first try could not record it.
-        deliveries=1,
-        attempts=1,
-        lost_attempts=lost,
-        received_at=received_at,
-        source=source,
-    )
-    # A copy whose type differs reuses another event's id: it is not that event and must
-    # not count as a delivery or an attempt of it.
-    same = webhook_events.c.type == statement.excluded.type
-    unfinished = webhook_events.c.outcome == Outcome.QUEUED.value
-    upsert = statement.on_conflict_do_update(
-        index_elements=[webhook_events.c.id],
-        set_={
-            "deliveries": webhook_events.c.deliveries + case((same, copies), else_=0),
-            "attempts": webhook_events.c.attempts + case((same & unfinished, 1), else_=0),
-            "lost_attempts": webhook_events.c.lost_attempts
-            + case((same & unfinished, lost), else_=0),
+    row = conn.execute(
+        _statements().record,
+        {
+            "id": header.id,
+            "type": header.type,
+            "created_time": header.created_time,
+            "live_mode": header.live_mode,
+            "payload": raw,
+            "received_at": received_at,
+            "source": source,
+            "copies": 1 if new_copy else 0,
+            # A message that comes back unacknowledged means an attempt died with its worker.
+            "lost": 1 if redelivered else 0,
         },
-    ).returning(
-        webhook_events.c.outcome,
-        webhook_events.c.attempts,
-        webhook_events.c.lost_attempts,
-        webhook_events.c.type,
-        webhook_events.c.error,
-    )
-    row = conn.execute(upsert).one()
+    ).one()
     return Delivery(Outcome(row.outcome), row.attempts, row.lost_attempts, row.type, row.error)
 
 
 def lock_event(conn: Connection, event_id: str) -> Outcome | None:
     """Lock the event row for this transaction; concurrent copies wait here."""
-    outcome = conn.execute(
-        select(webhook_events.c.outcome).where(webhook_events.c.id == event_id).with_for_update()
-    ).scalar_one_or_none()
+    outcome = conn.execute(_statements().lock_event, {"event_id": event_id}).scalar_one_or_none()
     return None if outcome is None else Outcome(outcome)
 
 
@@ -148,9 +300,15 @@ def finish_event(
     """Record the event's outcome."""
     assert outcome in FINAL_OUTCOMES  # noqa: S101 - a programming error, not input
     conn.execute(
-        webhook_events.update()
-        .where(webhook_events.c.id == event_id)
-        .values(outcome=outcome.value, error=error, order_id=order_id, processed_at=func.now())
+        _statements().finish_event,
+        {
+            "event_id": event_id,
+            "new_outcome": outcome.value,
+            "new_error": error,
+            "new_order_id": order_id,
+            # The moment it is applied, not when the transaction began.
+            "processed_at": datetime.now(UTC),
+        },
     )
 
 
@@ -165,8 +323,7 @@ def note_error(conn: Connection, event_id: str, error: str) -> None:
 
 def lock_order(conn: Connection, order_id: str) -> OrderState:
     """Create the order row if needed, lock it, and load its state."""
-    conn.execute(insert(orders).values(id=order_id).on_conflict_do_nothing())
-    row = conn.execute(select(orders).where(orders.c.id == order_id).with_for_update()).one()
+    row = conn.execute(_statements().lock_order, {"order_id": order_id}).one()
     return _load(conn, row)
 
 
@@ -184,6 +341,9 @@ def order_summary(conn: Connection, order_id: str) -> dict[str, Any] | None:
     return None if loaded is None else summarize(*loaded)
 
 
+_FIGURE_PARTS = ("amount", "event_id", "event_time")
+
+
 def _figure(row: Any, prefix: str) -> Figure | None:
     value = getattr(row, f"{prefix}_amount")
     if value is None:
@@ -194,12 +354,12 @@ def _figure(row: Any, prefix: str) -> Figure | None:
 
 
 def _load(conn: Connection, row: Any) -> OrderState:
-    order_id = row.id
-    refund_rows = conn.execute(select(refunds).where(refunds.c.order_id == order_id))
-    entry_rows = conn.execute(select(charge_refunds).where(charge_refunds.c.order_id == order_id))
-    chargeback_rows = conn.execute(select(chargebacks).where(chargebacks.c.order_id == order_id))
+    rows: dict[str, list[Any]] = {"refund": [], "entry": [], "chargeback": []}
+    for child in conn.execute(_statements().children, {"order_id": row.id}):
+        rows[child.kind].append(child)
+    refund_rows, entry_rows, chargeback_rows = rows["refund"], rows["entry"], rows["chargeback"]
     return OrderState(
-        order_id=order_id,
+        order_id=row.id,
         currency=row.currency,
         refunds={
             r.id: RefundRow(
@@ -248,9 +408,9 @@ def _load(conn: Connection, row: Any) -> OrderState:
 
 def _figure_values(prefix: str, figure: Figure | None) -> dict[str, Any]:
     return {
-        f"{prefix}_amount": figure.value if figure else None,
-        f"{prefix}_event_id": figure.event.id if figure else None,
-        f"{prefix}_event_time": figure.event.time if figure else None,
+        f"new_{prefix}_amount": figure.value if figure else None,
+        f"new_{prefix}_event_id": figure.event.id if figure else None,
+        f"new_{prefix}_event_time": figure.event.time if figure else None,
     }
 
 
@@ -262,24 +422,24 @@ def save_order(
     event_id: str,
 ) -> None:
     """Write what differs between two states of a locked order, and one history row per change."""
-    order_id = after.order_id
+    statements, order_id = _statements(), after.order_id
+    chargeback = after.chargeback_event
     conn.execute(
-        orders.update()
-        .where(orders.c.id == order_id)
-        .values(
-            currency=after.currency,
-            chargeback_event_id=after.chargeback_event.id if after.chargeback_event else None,
-            chargeback_event_time=after.chargeback_event.time if after.chargeback_event else None,
+        statements.save_order,
+        {
+            "order_id": order_id,
+            "new_currency": after.currency,
+            "new_chargeback_event_id": chargeback.id if chargeback else None,
+            "new_chargeback_event_time": chargeback.time if chargeback else None,
             **_figure_values("dr_refunded", after.dr_refunded),
             **_figure_values("dr_available", after.dr_available),
             **_figure_values("dr_total", after.dr_total),
-            updated_at=func.now(),
-        )
+        },
     )
-    for refund in after.refunds.values():
-        if before.refunds.get(refund.id) == refund:
-            continue
-        values = {
+    refund_rows = [
+        {
+            "order_id": order_id,
+            "id": refund.id,
             "state": refund.state.value,
             "amount": refund.amount,
             "refunded_amount": refund.refunded_amount,
@@ -289,15 +449,14 @@ def save_order(
             "last_event_id": refund.event.id,
             "last_event_time": refund.event.time,
         }
-        conn.execute(
-            insert(refunds)
-            .values(order_id=order_id, id=refund.id, **values)
-            .on_conflict_do_update(index_elements=[refunds.c.order_id, refunds.c.id], set_=values)
-        )
-    for key, entry in after.charge_refunds.items():
-        if before.charge_refunds.get(key) == entry:
-            continue
-        values = {
+        for refund in after.refunds.values()
+        if before.refunds.get(refund.id) != refund
+    ]
+    entry_rows = [
+        {
+            "order_id": order_id,
+            "charge_id": entry.charge_id,
+            "entry_key": entry.entry_key,
             "entry_id": entry.entry_id,
             "created_time": entry.created_time,
             "amount": entry.amount,
@@ -305,36 +464,28 @@ def save_order(
             "last_event_id": entry.event.id,
             "last_event_time": entry.event.time,
         }
-        conn.execute(
-            insert(charge_refunds)
-            .values(
-                order_id=order_id, charge_id=entry.charge_id, entry_key=entry.entry_key, **values
-            )
-            .on_conflict_do_update(
-                index_elements=[
-                    charge_refunds.c.order_id,
-                    charge_refunds.c.charge_id,
-                    charge_refunds.c.entry_key,
-                ],
-                set_=values,
-            )
-        )
-    for chargeback in after.chargebacks.values():
-        if before.chargebacks.get(chargeback.id) == chargeback:
-            continue
-        values = {
-            "type": chargeback.type,
-            "amount": chargeback.amount,
-            "last_event_id": chargeback.event.id,
-            "last_event_time": chargeback.event.time,
+        for key, entry in after.charge_refunds.items()
+        if before.charge_refunds.get(key) != entry
+    ]
+    chargeback_rows = [
+        {
+            "order_id": order_id,
+            "id": row.id,
+            "type": row.type,
+            "amount": row.amount,
+            "last_event_id": row.event.id,
+            "last_event_time": row.event.time,
         }
-        conn.execute(
-            insert(chargebacks)
-            .values(order_id=order_id, id=chargeback.id, **values)
-            .on_conflict_do_update(
-                index_elements=[chargebacks.c.order_id, chargebacks.c.id], set_=values
-            )
-        )
+        for row in after.chargebacks.values()
+        if before.chargebacks.get(row.id) != row
+    ]
+    for statement, rows in (
+        (statements.save_refund, refund_rows),
+        (statements.save_entry, entry_rows),
+        (statements.save_chargeback, chargeback_rows),
+    ):
+        if rows:
+            conn.execute(statement, rows)
     if changes:
         conn.execute(
             refund_history.insert(),

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy import exc as sa_exc
 
 from models import store
-from models.db import make_engine, transaction
+from models.db import autocommit, make_engine, transaction
 from models.errors import InvalidEvent, PermanentError, TransientError
 from models.logs import bound
 from models.payloads import Envelope, Instant, as_utc, load_json
@@ -58,7 +58,8 @@ def engine(settings: Settings) -> Engine:
     if _engine is None:
         if not settings.database_url:
             load_settings("DATABASE_URL")
-        _engine = make_engine(settings.database_url or "", pool_size=2)
+        # Every step is retried on a connection error, so no ping before each checkout.
+        _engine = make_engine(settings.database_url or "", pool_size=2, pre_ping=False)
     return _engine
 
 
@@ -151,12 +152,26 @@ def event_id_of(body: str) -> str | None:
 
 def _process_copy(settings: Settings, header: store.EventHeader, data: Any, copy: Copy) -> Result:
     db = engine(settings)
+    retry_error: TransientError | None = None
+    if not copy.redelivered:
+        # The common case: record the copy and apply it in one transaction.
+        try:
+            return _record_and_apply(db, settings, header, data, copy)
+        except TransientError as exc:
+            retry_error = exc
+        except PermanentError:
+            pass  # met again below, and recorded as the event's failure
+    # An earlier attempt died with its worker, or this one failed: nothing of it committed.
+    # The copy is recorded in a transaction of its own first, so its attempt counts however
+    # the rest ends (a poison event is seen as such).
     try:
         delivery = _record(db, header, copy)
     except TransientError as exc:
         exc.event_id, exc.counted = header.id, False
         raise
     try:
+        if retry_error is not None:
+            raise retry_error
         return _process(settings, db, header, data, delivery)
     except TransientError as exc:
         note_error(settings, header.id, str(exc))
@@ -164,13 +179,10 @@ def _process_copy(settings: Settings, header: store.EventHeader, data: Any, copy
         raise
 
 
-def _process(
-    settings: Settings,
-    db: Engine,
-    header: store.EventHeader,
-    data: Any,
-    delivery: store.Delivery,
-) -> Result:
+def _verdict(
+    settings: Settings, header: store.EventHeader, delivery: store.Delivery
+) -> Result | None:
+    """What a recorded copy comes to without applying it; None when it is to be applied."""
     if delivery.outcome in FINAL_OUTCOMES:
         return Result(header.id, delivery.outcome, duplicate=True)
     if delivery.type != header.type:
@@ -184,7 +196,49 @@ def _process(
     if delivery.lost_attempts >= settings.max_attempts:
         last = f"; last error: {delivery.error}" if delivery.error else ""
         reason = f"gave up after {delivery.lost_attempts} attempts died with their worker{last}"
-        return fail(settings, header.id, reason)
+        return Result(header.id, Outcome.FAILED, reason=reason)
+    return None
+
+
+def _record_and_apply(
+    db: Engine, settings: Settings, header: store.EventHeader, data: Any, copy: Copy
+) -> Result:
+    def run() -> Result:
+        with transaction(db) as conn:
+            delivery = store.record_delivery(
+                conn,
+                header,
+                copy.body,
+                received_at=copy.received_at,
+                source=copy.source,
+                new_copy=copy.new_copy,
+            )
+            # Recording locked the event row: a concurrent copy waits here until this
+            # transaction ends, then finds the outcome.
+            verdict = _verdict(settings, header, delivery)
+            if verdict is None:
+                return _apply_locked(conn, settings, header.id, data)
+            if verdict.outcome is Outcome.FAILED and not verdict.duplicate:
+                store.finish_event(conn, header.id, Outcome.FAILED, error=verdict.reason)
+            return verdict
+
+    result = _db(run)
+    _log_applied(result)
+    return result
+
+
+def _process(
+    settings: Settings,
+    db: Engine,
+    header: store.EventHeader,
+    data: Any,
+    delivery: store.Delivery,
+) -> Result:
+    verdict = _verdict(settings, header, delivery)
+    if verdict is not None:
+        if verdict.outcome is Outcome.FAILED and not verdict.duplicate:
+            return fail(settings, header.id, verdict.reason or "")
+        return verdict
     try:
         return _db(lambda: _apply(db, settings, header.id, data))
     except PermanentError as exc:
@@ -207,7 +261,8 @@ def preview(settings: Settings, event: store.StoredEvent) -> Result:
 
 def _record(db: Engine, header: store.EventHeader, copy: Copy) -> store.Delivery:
     def record(raw: str) -> store.Delivery:
-        with transaction(db) as conn:
+        # One statement, committed on its own.
+        with autocommit(db) as conn:
             return store.record_delivery(
                 conn,
                 header,
@@ -240,29 +295,45 @@ def _record(db: Engine, header: store.EventHeader, copy: Copy) -> store.Delivery
 def _apply(db: Engine, settings: Settings, event_id: str, data: Any) -> Result:
     with transaction(db) as conn:
         result = _apply_in(conn, settings, event_id, data)
-    # Logged once committed: a log line never claims what a rollback undid.
-    if not result.duplicate and result.outcome is not None:
-        for change in result.changes:
-            log.info(
-                "event.change",
-                extra={
-                    "event_id": event_id,
-                    "order_id": result.order_id,
-                    "entity": change.entity,
-                    "entity_id": change.entity_id,
-                    "from": change.from_state,
-                    "to": change.to_state,
-                },
-            )
-        fields = {"order_id": result.order_id, "reason": result.reason}
-        _log(event_id, result.event_type or "", result.outcome, **fields)
+    _log_applied(result)
     return result
+
+
+def _log_applied(result: Result) -> None:
+    # Logged once committed: a log line never claims what a rollback undid.
+    if result.duplicate or result.outcome is None or result.event_id is None:
+        return
+    if result.outcome is Outcome.FAILED:
+        log.warning(
+            "event.failed",
+            extra={"event_id": result.event_id, "reason": (result.reason or "")[:300]},
+        )
+        return
+    for change in result.changes:
+        log.info(
+            "event.change",
+            extra={
+                "event_id": result.event_id,
+                "order_id": result.order_id,
+                "entity": change.entity,
+                "entity_id": change.entity_id,
+                "from": change.from_state,
+                "to": change.to_state,
+            },
+        )
+    fields = {"order_id": result.order_id, "reason": result.reason}
+    _log(result.event_id, result.event_type or "", result.outcome, **fields)
 
 
 def _apply_in(conn: Connection, settings: Settings, event_id: str, data: Any) -> Result:
     outcome = store.lock_event(conn, event_id)
     if outcome in FINAL_OUTCOMES:
         return Result(event_id, outcome, duplicate=True)
+    return _apply_locked(conn, settings, event_id, data)
+
+
+def _apply_locked(conn: Connection, settings: Settings, event_id: str, data: Any) -> Result:
+    """Apply an event whose row this transaction holds locked and unfinished."""
     try:
         envelope = Envelope.model_validate(data)
     except ValidationError as exc:
