@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ingest import reads, webhook
 from ingest.metrics import StateCollector, exposition
-from ingest.publish import BrokerUnavailable, Publisher
+from ingest.publish import BrokerUnavailable, EventQueue, event_queue
 from ingest.reads import ReadDatabase
 from ingest.responses import error, ok
 from models import logs
@@ -33,7 +33,7 @@ async def healthz(_: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     """`GET /metrics`: Prometheus text format."""
-    publisher: Publisher = request.app.state.publisher
+    publisher: EventQueue = request.app.state.publisher
     try:
         depth = await publisher.queue_depth()
     except BrokerUnavailable:
@@ -71,7 +71,7 @@ class _WebhookFirst:
 
 def create_app(settings: Settings) -> ASGIApp:
     """The app for `settings`; the webhook route needs a secret and a broker URL."""
-    publisher = Publisher(settings.redis_url or "", settings.queue)
+    publisher = event_queue(settings.redis_url or "", settings.queue)
     endpoint = webhook.WebhookEndpoint(settings, publisher)
 
     @asynccontextmanager

@@ -1,4 +1,5 @@
-"""Publishing events.apply messages to the Celery queue on Redis, from the event loop.
+"""Publishing events.apply messages to the Celery queue on Redis, from the event loop
+(and, in the standalone mode, to its SQLite broker through Celery itself).
 
 Celery itself builds the message's shape once (`amqp.as_task_v2`: protocol 2 headers,
 `argsrepr` for monitors); each request fills in its ids, wraps it in kombu's Redis
@@ -15,16 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 import uuid
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
 from celery import Celery
+from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 
 from models.errors import RefundSyncError
 from models.messages import APPLY_TASK, apply_options
+from worker.broker import is_standalone
 
 # DR gives up on a delivery after 3 s; a broker that has not answered in 2 s is treated as
 # down so DR gets a 503 and retries, rather than a timeout.
@@ -33,6 +38,29 @@ BROKER_TIMEOUT_S = 2.0
 
 class BrokerUnavailable(RefundSyncError):
     """The broker did not take the message; nothing was queued."""
+
+
+class EventQueue(Protocol):
+    """Where the ingest puts raw events for the workers."""
+
+    async def publish(self, body: str, event_id: str, event_type: str, received_at: str) -> None:
+        """Queue one event; raise BrokerUnavailable if the broker did not take it."""
+
+    async def queue_depth(self) -> int:
+        """Messages waiting in the worker queue; raise BrokerUnavailable if it is down."""
+
+    async def ping(self) -> None:
+        """Raise BrokerUnavailable unless the broker answers."""
+
+    async def close(self) -> None:
+        """Release broker connections."""
+
+
+def event_queue(broker_url: str, queue: str) -> EventQueue:
+    """The publisher for this broker: Redis, or the standalone mode's SQLite file."""
+    if is_standalone(broker_url):
+        return CeleryPublisher(queue)
+    return Publisher(broker_url, queue)
 
 
 class Publisher:
@@ -129,3 +157,53 @@ class Publisher:
     async def close(self) -> None:
         """Release broker connections."""
         await self._redis.aclose()
+
+
+class CeleryPublisher:
+    """Publishes with Celery's own `send_task`, from a thread, one at a time.
+
+    For the standalone mode's SQLite broker, where throughput is not the point: the same
+    message as the Redis publisher's, which the tests check on both.
+    """
+
+    def __init__(self, queue: str) -> None:
+        from worker.app import app
+
+        self.queue = queue
+        self._app = app
+        self._lock = threading.Lock()
+
+    def _send(self, body: str, event_id: str, event_type: str, received_at: str) -> None:
+        with self._lock:
+            self._app.send_task(
+                APPLY_TASK,
+                args=[body, received_at, "webhook"],
+                queue=self.queue,
+                **apply_options(event_id, event_type),
+            )
+
+    def _depth(self) -> int:
+        with self._lock, self._app.connection_for_read() as connection:
+            declared = connection.default_channel.queue_declare(queue=self.queue, passive=True)
+            return int(declared.message_count)
+
+    async def publish(self, body: str, event_id: str, event_type: str, received_at: str) -> None:
+        """Queue one event; raise BrokerUnavailable if the broker did not take it."""
+        try:
+            await asyncio.to_thread(self._send, body, event_id, event_type, received_at)
+        except (KombuError, SQLAlchemyError, OSError) as exc:
+            raise BrokerUnavailable(f"broker unavailable: {type(exc).__name__}") from exc
+
+    async def queue_depth(self) -> int:
+        """Messages waiting in the worker queue; raise BrokerUnavailable if it is down."""
+        try:
+            return await asyncio.to_thread(self._depth)
+        except (KombuError, SQLAlchemyError, OSError) as exc:
+            raise BrokerUnavailable(f"broker unavailable: {type(exc).__name__}") from exc
+
+    async def ping(self) -> None:
+        """Raise BrokerUnavailable unless the broker answers."""
+        await self.queue_depth()
+
+    async def close(self) -> None:
+        """Nothing to release: Celery's connection pool goes with the process."""

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ingest.publish import BrokerUnavailable, Publisher
+from ingest.publish import BrokerUnavailable, EventQueue
 from ingest.responses import error, ok
 from models import store
 from models.db import make_engine
@@ -121,7 +121,7 @@ async def list_events(request: Request) -> Response:
 
 async def ready(request: Request) -> Response:
     """`GET /readyz`: 200 when Redis and Postgres answer, else 503 naming the one that failed."""
-    publisher: Publisher = request.app.state.publisher
+    publisher: EventQueue = request.app.state.publisher
     failed = []
     try:
         await publisher.ping()

@@ -15,7 +15,7 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from ingest import metrics
-from ingest.publish import BrokerUnavailable, Publisher
+from ingest.publish import BrokerUnavailable, EventQueue
 from ingest.signature import HEADER, SignatureError, verify
 from models.payloads import load_json
 from models.settings import Settings
@@ -104,7 +104,7 @@ class WebhookEndpoint:
     webhook's own work, so this endpoint reads the ASGI messages itself.
     """
 
-    def __init__(self, settings: Settings, publisher: Publisher) -> None:
+    def __init__(self, settings: Settings, publisher: EventQueue) -> None:
         self._settings = settings
         self._publisher = publisher
         self._secrets = settings.secrets()

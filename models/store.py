@@ -4,8 +4,9 @@ the caller's transaction scope decides what commits together."""
 from __future__ import annotations
 
 import json
+import typing
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
 
@@ -28,7 +29,7 @@ from sqlalchemy import (
     text,
     union_all,
 )
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 
 from models.payloads import EntryState, RefundState
 from models.rules import (
@@ -92,28 +93,53 @@ class StoredEvent:
         return isinstance(stored, dict) and stored.get("unstorable") is True
 
 
-def _upsert(table: Table, keys: tuple[str, ...], fields: tuple[str, ...]) -> Insert:
+def _insert(dialect: str, table: Table) -> postgresql.Insert:
+    """The dialect's INSERT, the one with ON CONFLICT (Postgres and SQLite spell it alike)."""
+    if dialect == "sqlite":
+        # SQLite's Insert has the same on_conflict_* methods and `excluded`.
+        return typing.cast(postgresql.Insert, sqlite.insert(table))
+    return postgresql.insert(table)
+
+
+def _upsert(dialect: str, table: Table, keys: tuple[str, ...], fields: tuple[str, ...]) -> Insert:
     """Insert a row from bound parameters named after its columns, or update its fields."""
-    statement = postgresql.insert(table).values({name: bindparam(name) for name in keys + fields})
+    statement = _insert(dialect, table).values({name: bindparam(name) for name in keys + fields})
     return statement.on_conflict_do_update(
         index_elements=[table.c[key] for key in keys],
         set_={name: statement.excluded[name] for name in fields},
     )
 
 
-def _record_statement() -> Insert:
-    statement = postgresql.insert(webhook_events).values(
+def insert_for(conn: Connection, table: Table) -> postgresql.Insert:
+    """The INSERT with ON CONFLICT for this connection's database."""
+    return _insert(conn.dialect.name, table)
+
+
+def _payload(dialect: str) -> Any:
+    return payload_value(dialect, bindparam("payload", type_=Text))
+
+
+def payload_value(dialect: str, raw: Any) -> Any:
+    """The raw JSON text as a stored payload."""
+    if dialect == "sqlite":
+        return raw
+    # Postgres parses the raw text; the payload is never decoded and encoded again here.
+    return cast(raw, postgresql.JSONB)
+
+
+def _record_statement(dialect: str) -> Insert:
+    statement = _insert(dialect, webhook_events).values(
         id=bindparam("id"),
         type=bindparam("type"),
         created_time=bindparam("created_time"),
         live_mode=bindparam("live_mode"),
-        # Postgres parses the raw text; the payload is never decoded and encoded again here.
-        payload=cast(bindparam("payload", type_=Text), postgresql.JSONB),
+        payload=_payload(dialect),
         outcome=Outcome.QUEUED.value,
         # The first record is always a copy that reached a worker, even when it is a retry
         # whose first try could not record it.
         deliveries=1,
-        attempts=1,
+        # A redelivered copy's earlier attempt died, maybe before anything of it committed.
+        attempts=1 + bindparam("lost", type_=Integer),
         lost_attempts=bindparam("lost", type_=Integer),
         received_at=bindparam("received_at"),
         source=bindparam("source"),
@@ -122,12 +148,23 @@ def _record_statement() -> Insert:
     # not count as a delivery or an attempt of it.
     same = webhook_events.c.type == statement.excluded.type
     unfinished = webhook_events.c.outcome == Outcome.QUEUED.value
+    lost_after = webhook_events.c.lost_attempts + bindparam("lost", type_=Integer)
     return statement.on_conflict_do_update(
         index_elements=[webhook_events.c.id],
         set_={
             "deliveries": webhook_events.c.deliveries
             + case((same, bindparam("copies", type_=Integer)), else_=0),
-            "attempts": webhook_events.c.attempts + case((same & unfinished, 1), else_=0),
+            # Every attempt that died is counted as lost when its message comes back; one
+            # that died inside the transaction recording and applying it (the common path,
+            # worker.processing) left no count, so attempts is at least lost + this one.
+            "attempts": case(
+                (~(same & unfinished), webhook_events.c.attempts),
+                (
+                    webhook_events.c.attempts >= lost_after,
+                    webhook_events.c.attempts + 1,
+                ),
+                else_=lost_after + 1,
+            ),
             "lost_attempts": webhook_events.c.lost_attempts
             + case((same & unfinished, bindparam("lost", type_=Integer)), else_=0),
         },
@@ -140,10 +177,10 @@ def _record_statement() -> Insert:
     )
 
 
-def _lock_order_statement() -> Insert:
+def _lock_order_statement(dialect: str) -> Insert:
     # One statement creates the order if needed, locks its row and returns it: an upsert
     # that changes nothing still takes the row lock a concurrent event for the order waits on.
-    statement = postgresql.insert(orders).values(id=bindparam("order_id"))
+    statement = _insert(dialect, orders).values(id=bindparam("order_id"))
     return statement.on_conflict_do_update(
         index_elements=[orders.c.id], set_={"id": statement.excluded.id}
     ).returning(*orders.c)
@@ -216,11 +253,15 @@ class _Statements:
     save_chargeback: Insert
 
 
+def _statements(conn: Connection) -> _Statements:
+    return _statements_for(conn.dialect.name)
+
+
 @cache
-def _statements() -> _Statements:
+def _statements_for(dialect: str) -> _Statements:
     figure_columns = [f"{prefix}_{part}" for prefix in _FIGURES for part in _FIGURE_PARTS]
     return _Statements(
-        record=_record_statement(),
+        record=_record_statement(dialect),
         lock_event=select(webhook_events.c.outcome)
         .where(webhook_events.c.id == bindparam("event_id"))
         .with_for_update(),
@@ -232,7 +273,7 @@ def _statements() -> _Statements:
             order_id=bindparam("new_order_id"),
             processed_at=bindparam("processed_at"),
         ),
-        lock_order=_lock_order_statement(),
+        lock_order=_lock_order_statement(dialect),
         children=_children_statement(),
         save_order=orders.update()
         .where(orders.c.id == bindparam("order_id"))
@@ -244,9 +285,11 @@ def _statements() -> _Statements:
             | {name: bindparam(f"new_{name}") for name in figure_columns}
             | {"updated_at": func.now()}
         ),
-        save_refund=_upsert(refunds, ("order_id", "id"), _REFUND_FIELDS),
-        save_entry=_upsert(charge_refunds, ("order_id", "charge_id", "entry_key"), _ENTRY_FIELDS),
-        save_chargeback=_upsert(chargebacks, ("order_id", "id"), _CHARGEBACK_FIELDS),
+        save_refund=_upsert(dialect, refunds, ("order_id", "id"), _REFUND_FIELDS),
+        save_entry=_upsert(
+            dialect, charge_refunds, ("order_id", "charge_id", "entry_key"), _ENTRY_FIELDS
+        ),
+        save_chargeback=_upsert(dialect, chargebacks, ("order_id", "id"), _CHARGEBACK_FIELDS),
     )
 
 
@@ -262,11 +305,12 @@ def record_delivery(
 ) -> Delivery:
     """Insert the event row, or count one more copy of it.
 
-    Committed on its own before processing, so `attempts` survives a worker that dies
-    mid-task: a poison event is seen as such however its attempts ended.
+    Committed on its own when the copy is redelivered, so the count survives a worker that
+    dies mid-task: a poison event is seen as such however its attempts ended. Otherwise it
+    shares the transaction that applies the copy (worker.processing).
     """
     row = conn.execute(
-        _statements().record,
+        _statements(conn).record,
         {
             "id": header.id,
             "type": header.type,
@@ -285,7 +329,9 @@ def record_delivery(
 
 def lock_event(conn: Connection, event_id: str) -> Outcome | None:
     """Lock the event row for this transaction; concurrent copies wait here."""
-    outcome = conn.execute(_statements().lock_event, {"event_id": event_id}).scalar_one_or_none()
+    outcome = conn.execute(
+        _statements(conn).lock_event, {"event_id": event_id}
+    ).scalar_one_or_none()
     return None if outcome is None else Outcome(outcome)
 
 
@@ -300,7 +346,7 @@ def finish_event(
     """Record the event's outcome."""
     assert outcome in FINAL_OUTCOMES  # noqa: S101 - a programming error, not input
     conn.execute(
-        _statements().finish_event,
+        _statements(conn).finish_event,
         {
             "event_id": event_id,
             "new_outcome": outcome.value,
@@ -323,7 +369,7 @@ def note_error(conn: Connection, event_id: str, error: str) -> None:
 
 def lock_order(conn: Connection, order_id: str) -> OrderState:
     """Create the order row if needed, lock it, and load its state."""
-    row = conn.execute(_statements().lock_order, {"order_id": order_id}).one()
+    row = conn.execute(_statements(conn).lock_order, {"order_id": order_id}).one()
     return _load(conn, row)
 
 
@@ -355,7 +401,7 @@ def _figure(row: Any, prefix: str) -> Figure | None:
 
 def _load(conn: Connection, row: Any) -> OrderState:
     rows: dict[str, list[Any]] = {"refund": [], "entry": [], "chargeback": []}
-    for child in conn.execute(_statements().children, {"order_id": row.id}):
+    for child in conn.execute(_statements(conn).children, {"order_id": row.id}):
         rows[child.kind].append(child)
     refund_rows, entry_rows, chargeback_rows = rows["refund"], rows["entry"], rows["chargeback"]
     return OrderState(
@@ -422,7 +468,7 @@ def save_order(
     event_id: str,
 ) -> None:
     """Write what differs between two states of a locked order, and one history row per change."""
-    statements, order_id = _statements(), after.order_id
+    statements, order_id = _statements(conn), after.order_id
     chargeback = after.chargeback_event
     conn.execute(
         statements.save_order,
@@ -589,8 +635,7 @@ def stuck_events(conn: Connection, older_than_s: int, limit: int) -> list[Stored
         select(*_STORED_COLUMNS)
         .where(
             webhook_events.c.outcome == Outcome.QUEUED.value,
-            webhook_events.c.received_at
-            < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s),
+            webhook_events.c.received_at < datetime.now(UTC) - timedelta(seconds=older_than_s),
         )
         .order_by(webhook_events.c.received_at)
         .limit(limit)
@@ -623,15 +668,18 @@ class Backlog:
 
 def backlog(conn: Connection) -> Backlog:
     """Age of the oldest unfinished event (0 when none) and the count of failed events."""
+    outcome = webhook_events.c.outcome
     row = conn.execute(
-        text(
-            "SELECT coalesce(extract(epoch FROM now() - min(received_at)"
-            " FILTER (WHERE outcome = 'queued')), 0) AS oldest,"
-            " count(*) FILTER (WHERE outcome = 'failed') AS failed"
-            " FROM webhook_events WHERE outcome IN ('queued', 'failed')"
-        )
+        select(
+            func.min(case((outcome == Outcome.QUEUED.value, webhook_events.c.received_at))),
+            func.count(case((outcome == Outcome.FAILED.value, 1))),
+        ).where(outcome.in_([Outcome.QUEUED.value, Outcome.FAILED.value]))
     ).one()
-    return Backlog(float(row.oldest), int(row.failed))
+    oldest, failed = row
+    if oldest is not None and oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=UTC)  # SQLite: an aggregate loses the column's type
+    age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
+    return Backlog(max(age, 0.0), int(failed))
 
 
 def ping(conn: Connection) -> None:

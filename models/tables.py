@@ -1,8 +1,17 @@
-"""The Postgres schema (SQLAlchemy Core). Alembic migrations create it; this mirrors them."""
+"""The schema (SQLAlchemy Core). Alembic migrations create it; this mirrors them.
+
+Postgres in production; SQLite in the standalone mode, where two types need help: SQLite
+keeps neither a time zone nor an exact decimal.
+"""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     Column,
@@ -20,18 +29,68 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 metadata = MetaData()
 
 
+class Instant(TypeDecorator[datetime]):
+    """A point in time, always read back aware (UTC).
+
+    Postgres keeps `timestamptz` as such; SQLite stores text without an offset, so values
+    are written in UTC and read back as UTC.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None or dialect.name != "sqlite" or value.tzinfo is None:
+            return value
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None or value.tzinfo is not None:
+            return value
+        return value.replace(tzinfo=UTC)
+
+
+class Money(TypeDecorator[Decimal]):
+    """An exact decimal amount: NUMERIC in Postgres; on SQLite, its text (27.10 stays 27.10)."""
+
+    impl = Numeric(asdecimal=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        # SQLite has no decimal type; the migrations give these columns TEXT affinity.
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(Text())
+        return dialect.type_descriptor(Numeric(asdecimal=True))
+
+    def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> Any:
+        if value is None or dialect.name != "sqlite":
+            return value
+        return str(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None or isinstance(value, Decimal):
+            return value
+        return Decimal(str(value))
+
+
+# JSONB in Postgres; JSON text elsewhere.
+Payload = JSON().with_variant(JSONB(astext_type=Text()), "postgresql")
+
+
 def _timestamp(name: str, *, nullable: bool = True) -> Column[object]:
-    return Column(name, DateTime(timezone=True), nullable=nullable)
+    return Column(name, Instant(), nullable=nullable)
 
 
 def _money(name: str, *, nullable: bool = False) -> Column[object]:
     # Unconstrained NUMERIC keeps the scale it was given (27.01 stays 27.01); amounts are
     # rounded to the currency's minor unit and range-checked before they get here.
-    return Column(name, Numeric(asdecimal=True), nullable=nullable)
+    return Column(name, Money(), nullable=nullable)
 
 
 webhook_events = Table(
@@ -41,7 +100,7 @@ webhook_events = Table(
     Column("type", Text, nullable=False),
     _timestamp("created_time"),
     Column("live_mode", Boolean),
-    Column("payload", JSONB, nullable=False),
+    Column("payload", Payload, nullable=False),
     Column("outcome", Text, nullable=False, server_default="queued"),
     Column("deliveries", Integer, nullable=False, server_default="0"),
     Column("attempts", Integer, nullable=False, server_default="0"),
@@ -81,8 +140,8 @@ orders = Table(
     _money("dr_total_amount", nullable=True),
     Column("dr_total_event_id", Text),
     _timestamp("dr_total_event_time"),
-    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("created_at", Instant(), nullable=False, server_default=func.now()),
+    Column("updated_at", Instant(), nullable=False, server_default=func.now()),
 )
 
 refunds = Table(
@@ -135,14 +194,15 @@ chargebacks = Table(
 refund_history = Table(
     "refund_history",
     metadata,
-    Column("id", BigInteger, Identity(), primary_key=True),
+    # SQLite numbers a row only through an INTEGER PRIMARY KEY.
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), Identity(), primary_key=True),
     Column("order_id", Text, nullable=False, index=True),
     Column("event_id", Text, nullable=False, index=True),
     Column("entity", Text, nullable=False),
     Column("entity_id", Text, nullable=False),
     Column("from_state", Text),
     Column("to_state", Text, nullable=False),
-    Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("recorded_at", Instant(), nullable=False, server_default=func.now()),
 )
 
 reconcile_checkpoints = Table(
@@ -150,6 +210,6 @@ reconcile_checkpoints = Table(
     metadata,
     Column("name", Text, primary_key=True, comment="what is reconciled, e.g. 'events'"),
     _timestamp("position", nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", Instant(), nullable=False, server_default=func.now()),
     comment="createdTime up to which DR's Events API has been listed and published",
 )

@@ -21,9 +21,11 @@ from celery.signals import (
 )
 
 from models import logs
+from models.db import SQLITE_BUSY_TIMEOUT_S
 from models.messages import RECONCILE_TASK, SWEEP_TASK
 from models.settings import load_or_exit
 from models.telemetry import share_metrics_between_processes
+from worker.broker import is_standalone
 
 settings = load_or_exit("REDIS_URL")
 
@@ -41,22 +43,31 @@ TASK_TIME_LIMIT_S = 60
 # longest one must stay below the visibility timeout or the message would be run twice.
 MAX_RETRY_COUNTDOWN_S = 60
 
+REDIS_TRANSPORT_OPTIONS = {
+    "visibility_timeout": VISIBILITY_TIMEOUT_S,
+    "unacked_restore_interval": RESTORE_SCAN_S,
+    "unacked_restore_throttle": 1,
+    # The restore mutex of a worker killed while holding it expires after this long
+    # (kombu's default of 300 s alone would exceed the 5 minutes).
+    "unacked_mutex_expire": 60,
+    "socket_connect_timeout": 5,
+    "socket_timeout": 15,
+    "health_check_interval": 25,
+}
+# The standalone mode's SQLite broker (worker.broker): one worker, no monitors. Its
+# options go to SQLAlchemy's create_engine.
+STANDALONE = is_standalone(settings.redis_url or "")
+
 # Tasks are imported when a worker starts, not when a publisher imports the app.
 app = Celery("refundsync", set_as_current=True, include=["worker.tasks"])
 app.conf.update(
     broker_url=settings.redis_url,
     broker_connection_retry_on_startup=True,
-    broker_transport_options={
-        "visibility_timeout": VISIBILITY_TIMEOUT_S,
-        "unacked_restore_interval": RESTORE_SCAN_S,
-        "unacked_restore_throttle": 1,
-        # The restore mutex of a worker killed while holding it expires after this long
-        # (kombu's default of 300 s alone would exceed the 5 minutes).
-        "unacked_mutex_expire": 60,
-        "socket_connect_timeout": 5,
-        "socket_timeout": 15,
-        "health_check_interval": 25,
-    },
+    broker_transport_options=(
+        {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+        if STANDALONE
+        else REDIS_TRANSPORT_OPTIONS
+    ),
     task_default_queue=settings.queue,
     task_serializer="json",
     accept_content=["json"],
@@ -69,7 +80,9 @@ app.conf.update(
     # Hold one message per process at a time: a dead worker strands as few as possible.
     worker_prefetch_multiplier=1,
     task_time_limit=TASK_TIME_LIMIT_S,
-    worker_send_task_events=True,
+    # Task events feed Flower; the SQLite broker has no fanout exchange to carry them.
+    worker_send_task_events=not STANDALONE,
+    worker_enable_remote_control=not STANDALONE,
     task_send_sent_event=False,
     enable_utc=True,
 )

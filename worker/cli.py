@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -58,6 +59,10 @@ def migrate() -> None:
     click.echo("refundsync: database schema is up to date")
 
 
+def _exit_normally(signum: int, _: FrameType | None) -> NoReturn:
+    sys.exit(0)
+
+
 @main.command(help="Serve the webhook endpoint and read API.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
@@ -67,6 +72,11 @@ def ingest(host: str, port: int, workers: int) -> None:
 
     _settings("REDIS_URL", "DATABASE_URL", "DR_WEBHOOK_SECRETS")
     share_metrics_between_processes()
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM and then raises the signal again
+    # under the handlers it found: these make that a normal exit, so exit handlers (the
+    # metrics directory's removal) still run.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _exit_normally)
     uvicorn.run(
         "ingest.app:app",
         host=host,
@@ -101,37 +111,96 @@ def beat(ctx: click.Context) -> None:
     app.start(["beat", "--loglevel", "INFO", *ctx.args])
 
 
-@main.command(help="Migrate, then run ingest, a worker and beat together; Ctrl-C stops all.")
+@main.command(
+    help="Migrate, then run ingest, a worker and beat together; Ctrl-C stops all. With "
+    "neither DATABASE_URL nor REDIS_URL set, runs standalone on SQLite files in --data-dir."
+)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.pass_context
-def run(ctx: click.Context, host: str, port: int, data_dir: Path | None) -> None:
-    _settings("REDIS_URL", "DATABASE_URL", "DR_WEBHOOK_SECRETS")
-    if data_dir is not None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-    ctx.invoke(migrate)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the standalone mode keeps its files (default: the user data directory).",
+)
+@click.option(
+    "--dev-secret",
+    is_flag=True,
+    help="Without DR_WEBHOOK_SECRETS, sign with a development secret (printed; kept in the "
+    "data directory).",
+)
+def run(host: str, port: int, data_dir: Path | None, dev_secret: bool) -> None:
+    from worker import standalone
+
+    settings = _settings()
+    try:
+        plan = standalone.plan_run(settings, data_dir, dev_secret=dev_secret)
+    except ConfigError as exc:
+        _fail(str(exc))
+    env = {**os.environ, **plan.env}
+    from models.migrate import upgrade
+
+    try:
+        upgrade(env["DATABASE_URL"])
+    except SQLAlchemyError as exc:
+        _fail(f"migration failed: {describe(exc)}")
+    if plan.standalone:
+        restored = standalone.prepare(env["REDIS_URL"], settings.queue)
+        if restored:
+            click.echo(f"refundsync: {restored} message(s) a stopped worker held are queued again")
     me = [sys.executable, "-m", "worker.cli"]
+    worker_options = (
+        # SQLite takes one writer at a time: one worker process, and no monitors.
+        ["--concurrency", "1", "--without-mingle", "--without-gossip", "--without-heartbeat"]
+        if plan.standalone
+        else ["--concurrency", "2"]
+    )
     commands = [
         [*me, "ingest", "--host", host, "--port", str(port)],
-        [*me, "worker", "--concurrency", "2", "--hostname", "refundsync@%h"],
-        [*me, "beat", *(["--schedule", str(data_dir / "celerybeat-schedule")] if data_dir else [])],
+        [*me, "worker", *worker_options, "--hostname", "refundsync@%h"],
+        [*me, "beat", "--schedule", str(plan.data_dir / "celerybeat-schedule")],
     ]
-    children = [subprocess.Popen(command) for command in commands]  # noqa: S603
-    click.echo(f"refundsync: webhook URL http://{host}:{port}/webhooks/digital-river")
+    # Each child in a process group of its own: Ctrl-C reaches only this process, which
+    # stops every child with exactly one SIGTERM (a second signal would turn Celery's warm
+    # shutdown into a cold one, and interrupt exit handlers).
+    children: list[subprocess.Popen[bytes]] = []
+    signalled: set[int] = set()
+    stopping: list[int] = []
 
-    def stop(signum: int, _: FrameType | None) -> None:
+    def terminate_all() -> None:
         for child in children:
-            if child.poll() is None:
+            if child.pid not in signalled and child.poll() is None:
+                signalled.add(child.pid)
                 child.send_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    while all(child.poll() is None for child in children):
+    def stop(signum: int, _: FrameType | None) -> None:
+        stopping.append(signum)
+        terminate_all()
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+    for command in commands:
+        if not stopping:
+            children.append(subprocess.Popen(command, env=env, process_group=0))  # noqa: S603
+    if not stopping:
+        # Printed once the ingest answers, so the lines are not lost among start-up logs.
+        standalone.wait_until_serving(host, port, children[0])
+    if not stopping:
+        for line in standalone.banner(plan, host, port):
+            click.echo(f"refundsync: {line}")
+    while not stopping and all(child.poll() is None for child in children):
         time.sleep(0.5)
-    stop(signal.SIGTERM, None)
-    codes = [child.wait() for child in children]
-    sys.exit(max((abs(code) for code in codes), default=0) and 1)
+    # Stopped by a signal, or one child ended: stop the others (a child started just as the
+    # signal came is stopped here too).
+    terminate_all()
+    failed = False
+    for name, child in zip(("ingest", "worker", "beat"), children, strict=False):
+        code = child.wait()
+        # A child stopped by the signal it was sent stopped as asked.
+        if code not in (0, -signal.SIGTERM) or (code and child.pid not in signalled):
+            click.echo(f"refundsync: {name} exited with status {code}", err=True)
+            failed = True
+    sys.exit(1 if failed else 0)
 
 
 @main.group(help="Look at one order.")

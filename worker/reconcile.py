@@ -24,12 +24,11 @@ from enum import StrEnum
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, write_to_textfile
-from sqlalchemy import Connection, Engine, Text, cast, func, literal, select
+from sqlalchemy import Connection, Engine, Text, case, func, literal, select
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects.postgresql import JSONB, insert
 
 from models import store
-from models.db import transaction
+from models.db import is_sqlite, transaction
 from models.rules import FINAL_OUTCOMES, HANDLED_EVENTS, Outcome, iso, refunded_amount
 from models.settings import Settings
 from models.tables import orders, reconcile_checkpoints, webhook_events
@@ -244,6 +243,10 @@ def exclusive(engine: Engine) -> Iterator[bool]:
     A session lock, on a connection kept for the whole run: if the process dies, Postgres
     ends the session and the lock with it.
     """
+    if is_sqlite(engine):
+        # The standalone mode: one worker, and beat schedules one run at a time.
+        yield True
+        return
     with engine.connect() as conn:
         got = bool(conn.execute(select(func.pg_try_advisory_lock(LOCK_KEY))).scalar_one())
         conn.commit()
@@ -448,7 +451,7 @@ def _insert_placeholders(
             "type": event.type,
             "created_time": event.created_time,
             "live_mode": event.live_mode,
-            "payload": cast(literal(event.body, Text), JSONB),
+            "payload": store.payload_value(conn.dialect.name, literal(event.body, Text)),
             "outcome": Outcome.QUEUED.value,
             "deliveries": 0,
             "attempts": 0,
@@ -458,7 +461,7 @@ def _insert_placeholders(
         for event in events
     ]
     statement = (
-        insert(webhook_events)
+        store.insert_for(conn, webhook_events)
         .values(rows)
         .on_conflict_do_nothing(index_elements=[webhook_events.c.id])
         .returning(webhook_events.c.id)
@@ -478,15 +481,20 @@ def load_checkpoint(engine: Engine) -> datetime | None:
 
 def advance_checkpoint(engine: Engine, position: datetime) -> datetime:
     """Move the checkpoint forward to `position` (never back); returns where it is."""
-    values = insert(reconcile_checkpoints).values(name=CHECKPOINT, position=position)
-    upsert = values.on_conflict_do_update(
-        index_elements=[reconcile_checkpoints.c.name],
-        set_={
-            "position": func.greatest(reconcile_checkpoints.c.position, values.excluded.position),
-            "updated_at": func.now(),
-        },
-    ).returning(reconcile_checkpoints.c.position)
     with transaction(engine) as conn:
+        values = store.insert_for(conn, reconcile_checkpoints).values(
+            name=CHECKPOINT, position=position
+        )
+        stored_position, new_position = reconcile_checkpoints.c.position, values.excluded.position
+        upsert = values.on_conflict_do_update(
+            index_elements=[reconcile_checkpoints.c.name],
+            set_={
+                "position": case(
+                    (stored_position > new_position, stored_position), else_=new_position
+                ),
+                "updated_at": func.now(),
+            },
+        ).returning(reconcile_checkpoints.c.position)
         stored: datetime = conn.execute(upsert).scalar_one()
     return stored
 

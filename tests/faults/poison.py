@@ -1,7 +1,8 @@
 """Loaded into a test worker with `--include tests.faults.poison`.
 
 A refund whose reason is "poison-pill" kills the worker process in the middle of applying
-it, as a crash in native code would: after the attempt was counted, before the outcome.
+it, as a crash in native code would: inside the transaction that applies it, before the
+outcome is committed.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from typing import Any
 
 from worker import processing
 
-_apply = processing._apply
+_apply_locked = processing._apply_locked
 
 
-def _crash_on_poison(db: Any, settings: Any, event_id: str, data: Any) -> Any:
+def _crash_on_poison(conn: Any, settings: Any, event_id: str, data: Any) -> Any:
     obj = data.get("data", {}).get("object", {}) if isinstance(data, dict) else {}
     if isinstance(obj, dict) and obj.get("reason") == "poison-pill":
         os.kill(os.getpid(), signal.SIGKILL)
-    return _apply(db, settings, event_id, data)
+    return _apply_locked(conn, settings, event_id, data)
 
 
-processing._apply = _crash_on_poison
+processing._apply_locked = _crash_on_poison

@@ -1,4 +1,4 @@
-"""initial schema
+"""initial schema (Postgres; SQLite for the standalone mode)
 
 Revision ID: 0001
 Revises: (none)
@@ -8,6 +8,10 @@ Create Date: 2026-11-27
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
+
+# SQLite (standalone mode) has no decimal type, and its NUMERIC affinity would turn 27.10
+# into the float 27.1: amounts are kept there as their exact text.
+MONEY = sa.Numeric().with_variant(sa.Text(), "sqlite")
 
 revision = "0001"
 down_revision = None
@@ -22,32 +26,38 @@ def upgrade() -> None:
         sa.Column("currency", sa.Text(), nullable=True),
         sa.Column("chargeback_event_id", sa.Text(), nullable=True),
         sa.Column("chargeback_event_time", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("dr_refunded_amount", sa.Numeric(), nullable=True),
+        sa.Column("dr_refunded_amount", MONEY, nullable=True),
         sa.Column("dr_refunded_event_id", sa.Text(), nullable=True),
         sa.Column("dr_refunded_event_time", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("dr_available_amount", sa.Numeric(), nullable=True),
+        sa.Column("dr_available_amount", MONEY, nullable=True),
         sa.Column("dr_available_event_id", sa.Text(), nullable=True),
         sa.Column("dr_available_event_time", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("dr_total_amount", sa.Numeric(), nullable=True),
+        sa.Column("dr_total_amount", MONEY, nullable=True),
         sa.Column("dr_total_event_id", sa.Text(), nullable=True),
         sa.Column("dr_total_event_time", sa.DateTime(timezone=True), nullable=True),
         sa.Column(
             "created_at",
             sa.DateTime(timezone=True),
-            server_default=sa.text("now()"),
+            server_default=sa.func.now(),
             nullable=False,
         ),
         sa.Column(
             "updated_at",
             sa.DateTime(timezone=True),
-            server_default=sa.text("now()"),
+            server_default=sa.func.now(),
             nullable=False,
         ),
         sa.PrimaryKeyConstraint("id"),
     )
     op.create_table(
         "refund_history",
-        sa.Column("id", sa.BigInteger(), sa.Identity(always=False), nullable=False),
+        sa.Column(
+            "id",
+            # SQLite (standalone mode) numbers rows only through an INTEGER PRIMARY KEY.
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            sa.Identity(always=False),
+            nullable=False,
+        ),
         sa.Column("order_id", sa.Text(), nullable=False),
         sa.Column("event_id", sa.Text(), nullable=False),
         sa.Column("entity", sa.Text(), nullable=False),
@@ -57,7 +67,7 @@ def upgrade() -> None:
         sa.Column(
             "recorded_at",
             sa.DateTime(timezone=True),
-            server_default=sa.text("now()"),
+            server_default=sa.func.now(),
             nullable=False,
         ),
         sa.PrimaryKeyConstraint("id"),
@@ -74,7 +84,11 @@ def upgrade() -> None:
         sa.Column("type", sa.Text(), nullable=False),
         sa.Column("created_time", sa.DateTime(timezone=True), nullable=True),
         sa.Column("live_mode", sa.Boolean(), nullable=True),
-        sa.Column("payload", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
+        sa.Column(
+            "payload",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
         sa.Column("outcome", sa.Text(), server_default="queued", nullable=False),
         sa.Column("deliveries", sa.Integer(), server_default="0", nullable=False),
         sa.Column("attempts", sa.Integer(), server_default="0", nullable=False),
@@ -107,7 +121,7 @@ def upgrade() -> None:
         ),
         sa.Column("entry_id", sa.Text(), nullable=True),
         sa.Column("created_time", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("amount", sa.Numeric(), nullable=False),
+        sa.Column("amount", MONEY, nullable=False),
         sa.Column("state", sa.Text(), nullable=False),
         sa.Column("last_event_id", sa.Text(), nullable=False),
         sa.Column("last_event_time", sa.DateTime(timezone=True), nullable=False),
@@ -122,7 +136,7 @@ def upgrade() -> None:
         sa.Column("order_id", sa.Text(), nullable=False),
         sa.Column("id", sa.Text(), nullable=False, comment="DR sales transaction id"),
         sa.Column("type", sa.Text(), nullable=False),
-        sa.Column("amount", sa.Numeric(), nullable=False),
+        sa.Column("amount", MONEY, nullable=False),
         sa.Column("last_event_id", sa.Text(), nullable=False),
         sa.Column("last_event_time", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
@@ -136,8 +150,8 @@ def upgrade() -> None:
         sa.Column("order_id", sa.Text(), nullable=False),
         sa.Column("id", sa.Text(), nullable=False),
         sa.Column("state", sa.Text(), nullable=False),
-        sa.Column("amount", sa.Numeric(), nullable=False),
-        sa.Column("refunded_amount", sa.Numeric(), nullable=False),
+        sa.Column("amount", MONEY, nullable=False),
+        sa.Column("refunded_amount", MONEY, nullable=False),
         sa.Column("reason", sa.Text(), nullable=True),
         sa.Column("failure_reason", sa.Text(), nullable=True),
         sa.Column("created_time", sa.DateTime(timezone=True), nullable=True),

@@ -1,0 +1,116 @@
+"""The standalone mode's broker: kombu's SQLAlchemy transport on a SQLite file.
+
+Chosen over kombu's filesystem transport because a SQLite file is transactional: a message
+is stored whole or not at all, taking one is a single locked transaction even with the
+ingest writing at the same moment, and the whole queue is one file beside the database.
+
+kombu's transport marks a message invisible when a worker takes it and never deletes it,
+so a message whose worker died mid-task would stay invisible for good. This one deletes a
+message when it is acknowledged (or rejected, or put back), so every invisible message is
+one a worker still holds; `prepare` makes them visible again when
+`refundsync run` starts, before its one worker does. It also polls every 0.1 s, not 1 s.
+"""
+
+from __future__ import annotations
+
+import json
+from queue import Empty
+from typing import Any
+
+from kombu.connection import Connection
+from kombu.transport import TRANSPORT_ALIASES
+from kombu.transport import sqlalchemy as kombu_sqlalchemy
+from sqlalchemy import create_engine, text
+
+SCHEME = "refundsync-sqlite"
+# Where the message row's id travels with a delivered message.
+_ROW = "refundsync_row"
+
+
+def broker_url(path: str) -> str:
+    """The broker URL for a SQLite file."""
+    return f"{SCHEME}+sqlite:///{path}"
+
+
+def is_standalone(url: str) -> bool:
+    """Whether a broker URL is this SQLite broker rather than Redis."""
+    return url.startswith(f"{SCHEME}+")
+
+
+class Channel(kombu_sqlalchemy.Channel):
+    """kombu's SQLAlchemy channel, deleting messages once they are settled."""
+
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
+        obj = self._get_or_create(queue)  # type: ignore[no-untyped-call]
+        self.session.execute(text("BEGIN IMMEDIATE TRANSACTION"))
+        try:
+            message = (
+                self.session.query(self.message_cls)
+                .filter(self.message_cls.queue_id == obj.id)
+                .filter(self.message_cls.visible.is_(True))
+                .order_by(self.message_cls.sent_at, self.message_cls.id)
+                .limit(1)
+                .first()
+            )
+            if message is None:
+                raise Empty()
+            message.visible = False
+            payload: dict[str, Any] = json.loads(message.payload)
+            payload["properties"][_ROW] = message.id
+            return payload
+        finally:
+            self.session.commit()
+
+    def _settle(self, message: Any) -> None:
+        row = message.properties.get(_ROW) if message is not None else None
+        if row is None:
+            return
+        self.session.query(self.message_cls).filter(self.message_cls.id == row).delete()
+        self.session.commit()
+
+    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
+        message = self.qos._delivered.get(delivery_tag)
+        super().basic_ack(delivery_tag, multiple=multiple)  # type: ignore[no-untyped-call]
+        self._settle(message)
+
+    def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        message = self.qos._delivered.get(delivery_tag)
+        # A requeued message is stored again as a new row first (see _restore).
+        super().basic_reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
+        if not requeue:
+            self._settle(message)
+
+    def _restore(self, message: Any) -> None:
+        super()._restore(message)  # type: ignore[no-untyped-call]
+        self._settle(message)
+
+
+class Transport(kombu_sqlalchemy.Transport):
+    """kombu's SQLAlchemy transport with the channel above."""
+
+    Channel = Channel
+    polling_interval = 0.1
+
+
+TRANSPORT_ALIASES[SCHEME] = f"{__name__}:Transport"
+
+
+def prepare(url: str, queue: str) -> int:
+    """Create the broker's tables and queue, and make visible again the messages a worker
+    held when it stopped; returns how many were restored.
+
+    Run by `refundsync run` before it starts its processes: kombu creates tables and queues
+    on first use in each process, and two processes doing that at once can collide. Only
+    safe while no worker consumes from this broker.
+    """
+    with Connection(url) as connection:  # type: ignore[no-untyped-call]
+        connection.default_channel.queue_declare(queue=queue)
+    engine = create_engine(url.removeprefix(f"{SCHEME}+"))
+    try:
+        with engine.begin() as conn:
+            restored = conn.exec_driver_sql(
+                "UPDATE kombu_message SET visible = 1 WHERE visible = 0"
+            )
+            return int(restored.rowcount)
+    finally:
+        engine.dispose()
