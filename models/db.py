@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
+import psycopg
+from psycopg.rows import namedtuple_row
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.sql.expression import Executable
 
 # Every statement and lock wait is bounded well inside the broker's visibility timeout,
 # so a task never outlives the window in which its message is held for it.
@@ -97,6 +101,82 @@ def autocommit(engine: Engine) -> Iterator[Connection]:
         return
     with engine.connect() as connection:
         yield connection.execution_options(isolation_level="AUTOCOMMIT")
+
+
+Params = dict[str, Any] | list[dict[str, Any]]
+
+
+def execute_all(conn: Connection, writes: Sequence[tuple[Executable, Params]]) -> None:
+    """Run statements whose results nobody reads, in order, in the caller's transaction.
+
+    On Postgres they go out in one psycopg pipeline: one round trip for all of them instead
+    of one each. Each is compiled once (SQLAlchemy's compiled form, kept per statement);
+    the parameters are the statements' own bind names, which psycopg adapts as they are.
+    """
+    if conn.dialect.name != "postgresql":
+        for statement, params in writes:
+            conn.execute(statement, params)
+        return
+    raw = _driver_connection(conn)
+    sql = ""
+    try:
+        with raw.pipeline(), raw.cursor() as cursor:
+            for statement, params in writes:
+                sql, defaults = _compiled(statement, conn.dialect)
+                if isinstance(params, list):
+                    cursor.executemany(sql, [{**defaults, **row} for row in params])
+                else:
+                    cursor.execute(sql, {**defaults, **params})
+    except psycopg.Error as exc:
+        # The same typed error a statement run through SQLAlchemy would raise.
+        raise DBAPIError.instance(sql, None, exc, psycopg.Error, dialect=conn.dialect) from exc
+
+
+# Keyed by the statement's identity; each entry keeps its statement alive, so an id is
+# never reused by another statement while it is here.
+_COMPILED: dict[tuple[int, str], tuple[Executable, str, dict[str, Any]]] = {}
+
+
+def query_all(
+    conn: Connection, queries: Sequence[tuple[Executable, dict[str, Any]]]
+) -> list[list[Any]]:
+    """Run statements in order, in the caller's transaction, and return each one's rows.
+
+    On Postgres they go out in one psycopg pipeline (one round trip, the transaction's
+    BEGIN included); each still runs on its own, seeing what committed before it started,
+    so a read after a lock sees everything the lock's previous holder wrote. Rows have
+    attribute access, as SQLAlchemy's do.
+    """
+    if conn.dialect.name != "postgresql":
+        return [list(conn.execute(statement, params)) for statement, params in queries]
+    raw = _driver_connection(conn)
+    sql = ""
+    try:
+        with raw.pipeline() as pipeline:
+            cursors = []
+            for statement, params in queries:
+                sql, defaults = _compiled(statement, conn.dialect)
+                cursor = raw.cursor(row_factory=namedtuple_row)
+                cursor.execute(sql, {**defaults, **params})
+                cursors.append(cursor)
+            pipeline.sync()
+            return [cursor.fetchall() for cursor in cursors]
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(sql, None, exc, psycopg.Error, dialect=conn.dialect) from exc
+
+
+def _driver_connection(conn: Connection) -> psycopg.Connection[Any]:
+    raw: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
+    return raw
+
+
+def _compiled(statement: Executable, dialect: Dialect) -> tuple[str, dict[str, Any]]:
+    key = (id(statement), dialect.name)
+    found = _COMPILED.get(key)
+    if found is None:
+        compiled = cast(ClauseElement, statement).compile(dialect=dialect)
+        found = _COMPILED[key] = (statement, str(compiled), dict(compiled.params))
+    return found[1], found[2]
 
 
 def describe(exc: SQLAlchemyError) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -31,6 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from models.db import Params, execute_all, query_all
 from models.payloads import EntryState, RefundState
 from models.rules import (
     FINAL_OUTCOMES,
@@ -232,6 +234,7 @@ _REFUND_FIELDS = (
 )
 _ENTRY_FIELDS = ("entry_id", "created_time", "amount", "state", "last_event_id", "last_event_time")
 _CHARGEBACK_FIELDS = ("type", "amount", "last_event_id", "last_event_time")
+_HISTORY_FIELDS = ("order_id", "event_id", "entity", "entity_id", "from_state", "to_state")
 
 
 @dataclass(frozen=True)
@@ -246,11 +249,13 @@ class _Statements:
     lock_event: Select[Any]
     finish_event: Update
     lock_order: Insert
+    lock_existing_order: Select[Any]
     children: CompoundSelect[Any]
     save_order: Update
     save_refund: Insert
     save_entry: Insert
     save_chargeback: Insert
+    history: Insert
 
 
 def _statements(conn: Connection) -> _Statements:
@@ -274,6 +279,9 @@ def _statements_for(dialect: str) -> _Statements:
             processed_at=bindparam("processed_at"),
         ),
         lock_order=_lock_order_statement(dialect),
+        lock_existing_order=select(orders)
+        .where(orders.c.id == bindparam("order_id"))
+        .with_for_update(),
         children=_children_statement(),
         save_order=orders.update()
         .where(orders.c.id == bindparam("order_id"))
@@ -290,6 +298,7 @@ def _statements_for(dialect: str) -> _Statements:
             dialect, charge_refunds, ("order_id", "charge_id", "entry_key"), _ENTRY_FIELDS
         ),
         save_chargeback=_upsert(dialect, chargebacks, ("order_id", "id"), _CHARGEBACK_FIELDS),
+        history=refund_history.insert().values({name: bindparam(name) for name in _HISTORY_FIELDS}),
     )
 
 
@@ -307,23 +316,66 @@ def record_delivery(
 
     Committed on its own when the copy is redelivered, so the count survives a worker that
     dies mid-task: a poison event is seen as such however its attempts ended. Otherwise it
-    shares the transaction that applies the copy (worker.processing).
+    shares the transaction that applies the copy (record_and_load).
     """
-    row = conn.execute(
-        _statements(conn).record,
-        {
-            "id": header.id,
-            "type": header.type,
-            "created_time": header.created_time,
-            "live_mode": header.live_mode,
-            "payload": raw,
-            "received_at": received_at,
-            "source": source,
-            "copies": 1 if new_copy else 0,
-            # A message that comes back unacknowledged means an attempt died with its worker.
-            "lost": 1 if redelivered else 0,
-        },
-    ).one()
+    params = _record_params(header, raw, received_at, source, new_copy, redelivered)
+    return _delivery(conn.execute(_statements(conn).record, params).one())
+
+
+def record_and_load(
+    conn: Connection,
+    header: EventHeader,
+    raw: str,
+    *,
+    received_at: datetime,
+    source: str,
+    new_copy: bool,
+    order_id: str | None,
+) -> tuple[Delivery, OrderState | None]:
+    """Record a copy (locking the event row), then lock and load its order if it exists.
+
+    The three statements go out together (models.db.query_all). The order is read only
+    once its lock is held, so it includes everything the lock's previous holder wrote. An
+    order that does not exist yet is left to lock_order, so that a copy which turns out to
+    be a duplicate never creates one.
+    """
+    statements = _statements(conn)
+    queries: list[tuple[Any, dict[str, Any]]] = [
+        (statements.record, _record_params(header, raw, received_at, source, new_copy, False))
+    ]
+    if order_id is not None:
+        key = {"order_id": order_id}
+        queries += [(statements.lock_existing_order, key), (statements.children, key)]
+    results = query_all(conn, queries)
+    delivery = _delivery(results[0][0])
+    if order_id is None or not results[1]:
+        return delivery, None
+    return delivery, _state(results[1][0], results[2])
+
+
+def _record_params(
+    header: EventHeader,
+    raw: str,
+    received_at: datetime,
+    source: str,
+    new_copy: bool,
+    redelivered: bool,
+) -> dict[str, Any]:
+    return {
+        "id": header.id,
+        "type": header.type,
+        "created_time": header.created_time,
+        "live_mode": header.live_mode,
+        "payload": raw,
+        "received_at": received_at,
+        "source": source,
+        "copies": 1 if new_copy else 0,
+        # A message that comes back unacknowledged means an attempt died with its worker.
+        "lost": 1 if redelivered else 0,
+    }
+
+
+def _delivery(row: Any) -> Delivery:
     return Delivery(Outcome(row.outcome), row.attempts, row.lost_attempts, row.type, row.error)
 
 
@@ -344,18 +396,21 @@ def finish_event(
     order_id: str | None = None,
 ) -> None:
     """Record the event's outcome."""
+    conn.execute(_statements(conn).finish_event, _finish_params(event_id, outcome, error, order_id))
+
+
+def _finish_params(
+    event_id: str, outcome: Outcome, error: str | None, order_id: str | None
+) -> dict[str, Any]:
     assert outcome in FINAL_OUTCOMES  # noqa: S101 - a programming error, not input
-    conn.execute(
-        _statements(conn).finish_event,
-        {
-            "event_id": event_id,
-            "new_outcome": outcome.value,
-            "new_error": error,
-            "new_order_id": order_id,
-            # The moment it is applied, not when the transaction began.
-            "processed_at": datetime.now(UTC),
-        },
-    )
+    return {
+        "event_id": event_id,
+        "new_outcome": outcome.value,
+        "new_error": error,
+        "new_order_id": order_id,
+        # The moment it is applied, not when the transaction began.
+        "processed_at": datetime.now(UTC),
+    }
 
 
 def note_error(conn: Connection, event_id: str, error: str) -> None:
@@ -400,8 +455,13 @@ def _figure(row: Any, prefix: str) -> Figure | None:
 
 
 def _load(conn: Connection, row: Any) -> OrderState:
+    return _state(row, conn.execute(_statements(conn).children, {"order_id": row.id}))
+
+
+def _state(row: Any, children: Iterable[Any]) -> OrderState:
+    """An order's state from its row and its children (the `children` statement's rows)."""
     rows: dict[str, list[Any]] = {"refund": [], "entry": [], "chargeback": []}
-    for child in conn.execute(_statements(conn).children, {"order_id": row.id}):
+    for child in children:
         rows[child.kind].append(child)
     refund_rows, entry_rows, chargeback_rows = rows["refund"], rows["entry"], rows["chargeback"]
     return OrderState(
@@ -460,28 +520,45 @@ def _figure_values(prefix: str, figure: Figure | None) -> dict[str, Any]:
     }
 
 
-def save_order(
+def save_and_finish(
     conn: Connection,
     before: OrderState,
     after: OrderState,
     changes: tuple[Change, ...],
     event_id: str,
+    outcome: Outcome,
 ) -> None:
-    """Write what differs between two states of a locked order, and one history row per change."""
+    """Write what differs between two states of a locked order, one history row per change,
+    and the event's outcome: every write of an applied event, sent together."""
     statements, order_id = _statements(conn), after.order_id
+    writes = _order_writes(statements, before, after, changes, event_id) if changes else []
+    writes.append((statements.finish_event, _finish_params(event_id, outcome, None, order_id)))
+    execute_all(conn, writes)
+
+
+def _order_writes(
+    statements: _Statements,
+    before: OrderState,
+    after: OrderState,
+    changes: tuple[Change, ...],
+    event_id: str,
+) -> list[tuple[Any, Params]]:
+    order_id = after.order_id
     chargeback = after.chargeback_event
-    conn.execute(
-        statements.save_order,
-        {
-            "order_id": order_id,
-            "new_currency": after.currency,
-            "new_chargeback_event_id": chargeback.id if chargeback else None,
-            "new_chargeback_event_time": chargeback.time if chargeback else None,
-            **_figure_values("dr_refunded", after.dr_refunded),
-            **_figure_values("dr_available", after.dr_available),
-            **_figure_values("dr_total", after.dr_total),
-        },
-    )
+    writes: list[tuple[Any, Params]] = [
+        (
+            statements.save_order,
+            {
+                "order_id": order_id,
+                "new_currency": after.currency,
+                "new_chargeback_event_id": chargeback.id if chargeback else None,
+                "new_chargeback_event_time": chargeback.time if chargeback else None,
+                **_figure_values("dr_refunded", after.dr_refunded),
+                **_figure_values("dr_available", after.dr_available),
+                **_figure_values("dr_total", after.dr_total),
+            },
+        )
+    ]
     refund_rows = [
         {
             "order_id": order_id,
@@ -531,22 +608,20 @@ def save_order(
         (statements.save_chargeback, chargeback_rows),
     ):
         if rows:
-            conn.execute(statement, rows)
-    if changes:
-        conn.execute(
-            refund_history.insert(),
-            [
-                {
-                    "order_id": order_id,
-                    "event_id": event_id,
-                    "entity": change.entity,
-                    "entity_id": change.entity_id,
-                    "from_state": change.from_state,
-                    "to_state": change.to_state,
-                }
-                for change in changes
-            ],
-        )
+            writes.append((statement, rows))
+    history = [
+        {
+            "order_id": order_id,
+            "event_id": event_id,
+            "entity": change.entity,
+            "entity_id": change.entity_id,
+            "from_state": change.from_state,
+            "to_state": change.to_state,
+        }
+        for change in changes
+    ]
+    writes.append((statements.history, history))
+    return writes
 
 
 _RECORD_COLUMNS = (

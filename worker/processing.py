@@ -29,6 +29,7 @@ from models.rules import (
     Change,
     EventRef,
     Ignore,
+    OrderState,
     Outcome,
     Plan,
     apply,
@@ -203,21 +204,30 @@ def _verdict(
 def _record_and_apply(
     db: Engine, settings: Settings, header: store.EventHeader, data: Any, copy: Copy
 ) -> Result:
+    # Validated first (pure, no lock held yet): an invalid event takes the two-step path,
+    # which records it and its reason.
+    interpreted = _interpret(settings, data)
+    plan = interpreted[1]
+    order_id = plan.order_id if isinstance(plan, Plan) else None
+
     def run() -> Result:
         with transaction(db) as conn:
-            delivery = store.record_delivery(
+            delivery, state = store.record_and_load(
                 conn,
                 header,
                 copy.body,
                 received_at=copy.received_at,
                 source=copy.source,
                 new_copy=copy.new_copy,
+                order_id=order_id,
             )
-            # Recording locked the event row: a concurrent copy waits here until this
+            # Recording locked the event row: a concurrent copy waits there until this
             # transaction ends, then finds the outcome.
             verdict = _verdict(settings, header, delivery)
             if verdict is None:
-                return _apply_locked(conn, settings, header.id, data)
+                return _apply_locked(
+                    conn, settings, header.id, data, interpreted=interpreted, state=state
+                )
             if verdict.outcome is Outcome.FAILED and not verdict.duplicate:
                 store.finish_event(conn, header.id, Outcome.FAILED, error=verdict.reason)
             return verdict
@@ -309,20 +319,20 @@ def _log_applied(result: Result) -> None:
             extra={"event_id": result.event_id, "reason": (result.reason or "")[:300]},
         )
         return
-    for change in result.changes:
-        log.info(
-            "event.change",
-            extra={
-                "event_id": result.event_id,
-                "order_id": result.order_id,
-                "entity": change.entity,
-                "entity_id": change.entity_id,
-                "from": change.from_state,
-                "to": change.to_state,
-            },
-        )
-    fields = {"order_id": result.order_id, "reason": result.reason}
-    _log(result.event_id, result.event_type or "", result.outcome, **fields)
+    # One line per event, its changes included: a line per change cost more than the rest
+    # of the logging of an event.
+    changes = [
+        {"entity": c.entity, "id": c.entity_id, "from": c.from_state, "to": c.to_state}
+        for c in result.changes
+    ]
+    extra: dict[str, Any] = {
+        "event_id": result.event_id,
+        "type": result.event_type or "",
+        **({"order_id": result.order_id} if result.order_id else {}),
+        **({"reason": result.reason} if result.reason else {}),
+        **({"changes": changes} if changes else {}),
+    }
+    log.info(f"event.{result.outcome.value}", extra=extra)
 
 
 def _apply_in(conn: Connection, settings: Settings, event_id: str, data: Any) -> Result:
@@ -332,27 +342,38 @@ def _apply_in(conn: Connection, settings: Settings, event_id: str, data: Any) ->
     return _apply_locked(conn, settings, event_id, data)
 
 
-def _apply_locked(conn: Connection, settings: Settings, event_id: str, data: Any) -> Result:
-    """Apply an event whose row this transaction holds locked and unfinished."""
+def _interpret(settings: Settings, data: Any) -> tuple[Envelope, Plan | Ignore]:
+    """The event validated, and what it means (pure): raises InvalidEvent."""
     try:
         envelope = Envelope.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"])
         raise InvalidEvent(f"{where}: {error['msg']}") from None
-    plan = interpret(envelope, settings.dr_live_mode)
+    return envelope, interpret(envelope, settings.dr_live_mode)
+
+
+def _apply_locked(
+    conn: Connection,
+    settings: Settings,
+    event_id: str,
+    data: Any,
+    *,
+    interpreted: tuple[Envelope, Plan | Ignore] | None = None,
+    state: OrderState | None = None,
+) -> Result:
+    """Apply an event whose row this transaction holds locked and unfinished (with its
+    order's state, when already locked and loaded)."""
+    envelope, plan = interpreted or _interpret(settings, data)
     if isinstance(plan, Ignore):
         store.finish_event(conn, event_id, Outcome.IGNORED, error=plan.reason)
         return Result(event_id, Outcome.IGNORED, reason=plan.reason, event_type=envelope.type)
-    return _apply_plan(conn, envelope, plan)
-
-
-def _apply_plan(conn: Connection, envelope: Envelope, plan: Plan) -> Result:
-    state = store.lock_order(conn, plan.order_id)
+    if state is None:
+        state = store.lock_order(conn, plan.order_id)
     decision = apply(state, EventRef(as_utc(envelope.createdTime), envelope.id), plan)
-    if decision.changes:
-        store.save_order(conn, state, decision.state, decision.changes, envelope.id)
-    store.finish_event(conn, envelope.id, decision.outcome, order_id=plan.order_id)
+    store.save_and_finish(
+        conn, state, decision.state, decision.changes, envelope.id, decision.outcome
+    )
     return Result(
         envelope.id,
         decision.outcome,
@@ -390,8 +411,3 @@ def note_error(settings: Settings, event_id: str, error: str) -> None:
             store.note_error(conn, event_id, error[:2000])
     except sa_exc.SQLAlchemyError:
         log.debug("event.note_error_skipped", extra={"event_id": event_id})
-
-
-def _log(event_id: str, event_type: str, outcome: Outcome, **fields: str | None) -> None:
-    extra = {key: value for key, value in fields.items() if value is not None}
-    log.info(f"event.{outcome.value}", extra={"event_id": event_id, "type": event_type, **extra})

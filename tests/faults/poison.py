@@ -16,11 +16,11 @@ from worker import processing
 _apply_locked = processing._apply_locked
 
 
-def _crash_on_poison(conn: Any, settings: Any, event_id: str, data: Any) -> Any:
+def _crash_on_poison(conn: Any, settings: Any, event_id: str, data: Any, **kwargs: Any) -> Any:
     obj = data.get("data", {}).get("object", {}) if isinstance(data, dict) else {}
     if isinstance(obj, dict) and obj.get("reason") == "poison-pill":
         os.kill(os.getpid(), signal.SIGKILL)
-    return _apply_locked(conn, settings, event_id, data)
+    return _apply_locked(conn, settings, event_id, data, **kwargs)
 
 
 processing._apply_locked = _crash_on_poison
