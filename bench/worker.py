@@ -1,13 +1,15 @@
 """Benchmark 2 (and 4): worker apply throughput against Celery's and Postgres's ceilings.
 
     .venv/bin/python -m bench.worker [--events 20000] [--orders 2000] [--runs 3]
-    .venv/bin/python -m bench.worker --preload-events 1000000 --preload-orders 100000
+    .venv/bin/python -m bench.worker --growth --preload-events 1000000 --preload-orders 100000
 
 Events for `--orders` orders are preloaded in the queue; `refundsync worker --concurrency W`
 (W = 1, 2) drains them; the time until every event has its outcome gives events/s. In the
 same invocation: the same number of no-op Celery tasks drained with the same worker
 settings (Celery's ceiling), and pgbench running one event's database work (bench/apply.sql,
-Postgres's ceiling) with W clients. `--preload-*` fills the tables first (benchmark 4).
+Postgres's ceiling) with W clients. `--growth` (benchmark 4) instead drains with W=2 on
+empty tables and on tables filled first with `--preload-*` rows, alternating, and compares
+the per-event cost.
 Prints medians and ratios, and each worker's peak RSS.
 """
 
@@ -111,6 +113,68 @@ def _preload(url: str, events: int, orders: int) -> None:
         conn.execute("ANALYZE")
 
 
+def _refundsync(
+    db: support.Database,
+    redis: support.RedisServer,
+    bodies: list[bytes],
+    processes: int,
+    preload_events: int,
+    preload_orders: int,
+) -> tuple[float, int, dict[str, str]]:
+    """Drain the events with refundsync's worker: events/s, peak RSS, the worker's env."""
+    upgrade(db.url)
+    if preload_events:
+        _preload(db.url, preload_events, preload_orders)
+    env = support.service_env(db.url, redis.url, REFUNDSYNC_MAX_RETRIES="100")
+    support.publish_all(redis.url, bodies)
+    engine = support.engine_for(db.url)
+
+    def finished() -> bool:
+        with engine.connect() as conn:
+            from sqlalchemy import text
+
+            left = conn.execute(
+                text(
+                    "SELECT count(*) FROM webhook_events WHERE outcome <> 'queued'"
+                    " AND id NOT LIKE 'pre-%'"
+                )
+            ).scalar_one()
+        return int(left) >= len(bodies)
+
+    seconds, peak = _drain(env, f"apply{processes}", processes, finished, [])
+    engine.dispose()
+    return len(bodies) / seconds, peak, env
+
+
+def _growth(args: argparse.Namespace, bodies: list[bytes]) -> None:
+    """Benchmark 4: the same drain on empty tables and on preloaded ones, alternating."""
+    rates: dict[str, list[float]] = {"empty": [], "preloaded": []}
+    w = 2
+    for run in range(args.runs):
+        for kind in ("empty", "preloaded"):
+            db = support.Database().create()
+            redis = support.RedisServer().start()
+            try:
+                events, orders = (
+                    (args.preload_events, args.preload_orders) if kind == "preloaded" else (0, 0)
+                )
+                rate, _, _ = _refundsync(db, redis, bodies, w, events, orders)
+            finally:
+                redis.cleanup()
+                db.drop()
+            rates[kind].append(rate)
+            print(f"run {run + 1} {kind}: {rate:.0f} events/s", flush=True)
+    empty, loaded = statistics.median(rates["empty"]), statistics.median(rates["preloaded"])
+    print(
+        f"\n{len(bodies)} events for {args.orders} orders, W={w}; medians over {args.runs} runs;"
+        f" preloaded: {args.preload_events} events, {args.preload_orders} orders"
+    )
+    print(f"{'':20} {'events/s':>10} {'ms/event':>10}")
+    for name, rate in (("empty tables", empty), ("preloaded tables", loaded)):
+        print(f"{name:20} {rate:10.0f} {w * 1000 / rate:10.2f}")
+    print(f"per-event cost, preloaded / empty = {empty / loaded:.2f} (target at most 1.20)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20_000)
@@ -118,6 +182,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--preload-events", type=int, default=0)
     parser.add_argument("--preload-orders", type=int, default=0)
+    parser.add_argument(
+        "--growth",
+        action="store_true",
+        help="benchmark 4: W=2 on empty tables against preloaded ones, same invocation",
+    )
     args = parser.parse_args()
     rng = random.Random(11)
     per_order = args.events // args.orders
@@ -127,6 +196,8 @@ def main() -> None:
         for e in eventgen.order_history(rng, f"bw-{n}-{uuid.uuid4().hex[:6]}", per_order)
     ]
     bodies = [json.dumps(e).encode() for e in events]
+    if args.growth:
+        return _growth(args, bodies)
     results: dict[str, list[float]] = {}
     peaks: dict[int, int] = {}
     for run in range(args.runs):
@@ -134,28 +205,10 @@ def main() -> None:
             db = support.Database().create()
             redis = support.RedisServer().start()
             try:
-                upgrade(db.url)
-                if args.preload_events:
-                    _preload(db.url, args.preload_events, args.preload_orders)
-                env = support.service_env(db.url, redis.url, REFUNDSYNC_MAX_RETRIES="100")
-                support.publish_all(redis.url, bodies)
-                engine = support.engine_for(db.url)
-
-                def finished(engine: Any = engine) -> bool:
-                    with engine.connect() as conn:
-                        from sqlalchemy import text
-
-                        left = conn.execute(
-                            text(
-                                "SELECT count(*) FROM webhook_events WHERE outcome <> 'queued'"
-                                " AND id NOT LIKE 'pre-%'"
-                            )
-                        ).scalar_one()
-                    return int(left) >= len(bodies)
-
-                seconds, peak = _drain(env, f"apply{processes}", processes, finished, [])
-                engine.dispose()
-                results.setdefault(f"refundsync W={processes}", []).append(len(bodies) / seconds)
+                rate, peak, env = _refundsync(
+                    db, redis, bodies, processes, args.preload_events, args.preload_orders
+                )
+                results.setdefault(f"refundsync W={processes}", []).append(rate)
                 peaks[processes] = max(peaks.get(processes, 0), peak)
 
                 # Celery's ceiling: the same number of no-op tasks, same settings.
