@@ -32,7 +32,7 @@ class ReadDatabase:
 
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = make_engine(self._url, pool_size=4)
+            self._engine = make_engine(self._url, pool_size=4, read_only=True)
         return self._engine
 
     def dispose(self) -> None:

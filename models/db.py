@@ -11,6 +11,7 @@ from psycopg.rows import namedtuple_row
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.sql.expression import Executable
 
@@ -30,7 +31,9 @@ def database_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def make_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Engine:
+def make_engine(
+    url: str, *, pool_size: int = 5, pre_ping: bool = True, read_only: bool = False
+) -> Engine:
     """An engine with bounded statements and lock waits.
 
     `pre_ping=False` saves a round trip per checkout where a failed statement is retried
@@ -38,7 +41,7 @@ def make_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Engin
     """
     full_url = database_url(url)
     if make_url(full_url).get_backend_name() == "sqlite":
-        return _sqlite_engine(full_url)
+        return _sqlite_engine(full_url, read_only=read_only)
     return create_engine(
         full_url,
         pool_pre_ping=pre_ping,
@@ -52,13 +55,14 @@ def make_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Engin
     )
 
 
-def _sqlite_engine(url: str) -> Engine:
+def _sqlite_engine(url: str, *, read_only: bool) -> Engine:
     """SQLite for the standalone mode, correct by construction rather than by row locks.
 
     SQLite has no `SELECT ... FOR UPDATE`: every transaction instead takes the database's
     one write lock when it begins (`BEGIN IMMEDIATE`), so transactions that read and then
     write run one at a time, and a waiting one blocks up to the busy timeout. WAL lets
-    readers (the read API) go on meanwhile.
+    readers (the read API, `read_only`) go on meanwhile: their transactions begin deferred
+    and take no lock.
     """
     engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
 
@@ -69,12 +73,14 @@ def _sqlite_engine(url: str) -> Engine:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        # Every commit on disk before it returns, as the broker file's are: an outcome
+        # must not be lost after its message was deleted.
+        cursor.execute("PRAGMA synchronous=FULL")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -113,7 +119,7 @@ def execute_all(conn: Connection, writes: Sequence[tuple[Executable, Params]]) -
     of one each. Each is compiled once (SQLAlchemy's compiled form, kept per statement);
     the parameters are the statements' own bind names, which psycopg adapts as they are.
     """
-    if conn.dialect.name != "postgresql":
+    if not _pipelines(conn):
         for statement, params in writes:
             conn.execute(statement, params)
         return
@@ -147,7 +153,7 @@ def query_all(
     so a read after a lock sees everything the lock's previous holder wrote. Rows have
     attribute access, as SQLAlchemy's do.
     """
-    if conn.dialect.name != "postgresql":
+    if not _pipelines(conn):
         return [list(conn.execute(statement, params)) for statement, params in queries]
     raw = _driver_connection(conn)
     sql = ""
@@ -165,6 +171,11 @@ def query_all(
         raise DBAPIError.instance(sql, None, exc, psycopg.Error, dialect=conn.dialect) from exc
 
 
+def _pipelines(conn: Connection) -> bool:
+    # psycopg 3 pipelines; any other driver runs the statements one by one.
+    return conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg"
+
+
 def _driver_connection(conn: Connection) -> psycopg.Connection[Any]:
     raw: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
     return raw
@@ -174,7 +185,10 @@ def _compiled(statement: Executable, dialect: Dialect) -> tuple[str, dict[str, A
     key = (id(statement), dialect.name)
     found = _COMPILED.get(key)
     if found is None:
-        compiled = cast(ClauseElement, statement).compile(dialect=dialect)
+        compiled = cast(SQLCompiler, cast(ClauseElement, statement).compile(dialect=dialect))
+        # Only plain named parameters: no expanding IN lists or post-compile values, which
+        # the compiled string alone would not carry.
+        assert not compiled.post_compile_params  # noqa: S101 - a programming error
         found = _COMPILED[key] = (statement, str(compiled), dict(compiled.params))
     return found[1], found[2]
 

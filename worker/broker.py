@@ -56,7 +56,12 @@ class Channel(kombu_sqlalchemy.Channel):
                 raise Empty()
             message.visible = False
             payload: dict[str, Any] = json.loads(message.payload)
-            payload["properties"][_ROW] = message.id
+            properties = payload["properties"]
+            properties[_ROW] = message.id
+            # kombu's virtual transports mark a message put back only at the top level;
+            # Celery, and refundsync's count of attempts that died, read delivery_info.
+            delivery_info = properties.setdefault("delivery_info", {})
+            delivery_info["redelivered"] = bool(payload.get("redelivered"))
             return payload
         finally:
             self.session.commit()
@@ -108,8 +113,11 @@ def prepare(url: str, queue: str) -> int:
     engine = create_engine(url.removeprefix(f"{SCHEME}+"))
     try:
         with engine.begin() as conn:
+            # Marked redelivered: the attempt that held it may have died mid-event.
             restored = conn.exec_driver_sql(
-                "UPDATE kombu_message SET visible = 1 WHERE visible = 0"
+                "UPDATE kombu_message SET visible = 1,"
+                " payload = json_set(payload, '$.redelivered', json('true'))"
+                " WHERE visible = 0"
             )
             return int(restored.rowcount)
     finally:

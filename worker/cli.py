@@ -138,14 +138,19 @@ def run(host: str, port: int, data_dir: Path | None, dev_secret: bool) -> None:
     except ConfigError as exc:
         _fail(str(exc))
     env = {**os.environ, **plan.env}
+    # The URLs may come from a .env file rather than the environment.
+    database_url = plan.env.get("DATABASE_URL") or settings.database_url or ""
     from models.migrate import upgrade
 
     try:
-        upgrade(env["DATABASE_URL"])
+        upgrade(database_url)
     except SQLAlchemyError as exc:
         _fail(f"migration failed: {describe(exc)}")
     if plan.standalone:
-        restored = standalone.prepare(env["REDIS_URL"], settings.queue)
+        try:
+            restored = standalone.prepare(plan.env["REDIS_URL"], settings.queue)
+        except SQLAlchemyError as exc:
+            _fail(f"the standalone queue cannot be opened: {describe(exc)}")
         if restored:
             click.echo(f"refundsync: {restored} message(s) a stopped worker held are queued again")
     me = [sys.executable, "-m", "worker.cli"]

@@ -162,6 +162,11 @@ def _process_copy(settings: Settings, header: store.EventHeader, data: Any, copy
             retry_error = exc
         except PermanentError:
             pass  # met again below, and recorded as the event's failure
+        except Exception as exc:
+            # Unforeseen: nothing of the attempt committed, so record the copy below and
+            # retry it like a transient error, its error kept on the event for operators.
+            log.exception("event.unexpected_error")
+            retry_error = TransientError(f"unexpected error: {type(exc).__name__}: {exc}"[:2000])
     # An earlier attempt died with its worker, or this one failed: nothing of it committed.
     # The copy is recorded in a transaction of its own first, so its attempt counts however
     # the rest ends (a poison event is seen as such).
@@ -229,7 +234,8 @@ def _record_and_apply(
                     conn, settings, header.id, data, interpreted=interpreted, state=state
                 )
             if verdict.outcome is Outcome.FAILED and not verdict.duplicate:
-                store.finish_event(conn, header.id, Outcome.FAILED, error=verdict.reason)
+                error = (verdict.reason or "")[:2000]
+                store.finish_event(conn, header.id, Outcome.FAILED, error=error)
             return verdict
 
     result = _db(run)
@@ -392,6 +398,10 @@ def _mark_failed(db: Engine, event_id: str, reason: str) -> Result:
     def record_failure() -> Outcome | None:
         with transaction(db) as conn:
             outcome = store.lock_event(conn, event_id)
+            if outcome is None:
+                # Never recorded (every attempt failed before its copy was): acknowledging
+                # now would lose the event without a trace, so it stays to be tried again.
+                raise TransientError("the event is not recorded yet")
             if outcome in FINAL_OUTCOMES:
                 return outcome
             store.finish_event(conn, event_id, Outcome.FAILED, error=reason[:2000])

@@ -1,0 +1,85 @@
+"""The standalone mode's SQLite queue (worker.broker) on its own: what a worker that dies
+holding a message leaves behind, and what `refundsync run` makes of it at the next start."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kombu.connection import Connection
+
+from worker.broker import broker_url, prepare
+
+_TAKE_AND_DIE = """
+import os, sys
+from kombu.connection import Connection
+import worker.broker
+connection = Connection(sys.argv[1])
+message = connection.SimpleQueue("q").get(timeout=5)
+print(message.payload, bool(message.delivery_info.get("redelivered")), flush=True)
+os._exit(0)
+"""
+
+
+@pytest.fixture
+def url() -> Iterator[str]:
+    path = Path(tempfile.mkdtemp(prefix="refundsync-broker-"))
+    try:
+        yield broker_url(str(path / "broker.db"))
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _rows(url: str) -> list[tuple[int, int]]:
+    path = url.split(":///", 1)[1]
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT id, visible FROM kombu_message ORDER BY id").fetchall()
+
+
+def test_a_message_held_by_a_dead_worker_comes_back_marked_redelivered(url: str) -> None:
+    assert prepare(url, "q") == 0
+    with Connection(url) as connection:  # type: ignore[no-untyped-call]
+        connection.SimpleQueue("q").put({"n": 1})
+    # A consumer that takes the message and dies: no ack, no orderly restore.
+    taker = subprocess.run(
+        [sys.executable, "-c", _TAKE_AND_DIE, url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert taker.stdout.split() == ["{'n':", "1}", "False"]
+    assert [visible for _, visible in _rows(url)] == [0]
+
+    assert prepare(url, "q") == 1
+    with Connection(url) as connection:  # type: ignore[no-untyped-call]
+        again = connection.SimpleQueue("q").get(timeout=5)
+        assert again.payload == {"n": 1}
+        assert again.delivery_info["redelivered"] is True
+        again.ack()
+    assert _rows(url) == []
+
+
+def test_acknowledged_and_rejected_messages_leave_the_file(url: str) -> None:
+    prepare(url, "q")
+    with Connection(url) as connection:  # type: ignore[no-untyped-call]
+        queue = connection.SimpleQueue("q")
+        for n in range(3):
+            queue.put({"n": n})
+        queue.get(timeout=5).ack()
+        queue.get(timeout=5).reject()
+        requeued = queue.get(timeout=5)
+        requeued.requeue()
+        assert [visible for _, visible in _rows(url)] == [1]
+        back = queue.get(timeout=5)
+        assert back.payload == {"n": 2}
+        assert back.delivery_info["redelivered"] is True
+        back.ack()
+    assert _rows(url) == []
