@@ -216,6 +216,12 @@ def test_complete_before_pending_ends_succeeded_with_pending_stale(
     summary = standalone.api(f"/orders/{order_id}").json()
     assert [(r["state"], r["amount"]) for r in summary["refunds"]] == [("succeeded", "27.10")]
     assert summary["refundedAmount"] == "27.10"
+    # Stored as the exact decimal text, not as a float that happens to round back.
+    with sqlite3.connect(standalone.data_dir / "refundsync.db") as conn:
+        stored = conn.execute(
+            "SELECT typeof(amount), amount FROM refunds WHERE order_id = ?", (order_id,)
+        ).fetchall()
+    assert stored == [("text", "27.10")]
 
 
 def test_a_bad_signature_is_refused_and_nothing_is_queued(standalone: Standalone) -> None:
