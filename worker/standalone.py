@@ -13,6 +13,7 @@ import json
 import secrets
 import shlex
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -135,6 +136,13 @@ def wait_until_serving(
         time.sleep(0.2)
 
 
+def _cli() -> str:
+    """How to call this refundsync from another shell: the installed script's full path,
+    since `make run`'s virtualenv need not be on that shell's PATH."""
+    script = Path(sys.executable).with_name("refundsync")
+    return shlex.quote(str(script)) if script.exists() else "refundsync"
+
+
 def banner(plan: RunPlan, host: str, port: int) -> list[str]:
     """What `refundsync run` prints once its processes are started."""
     url = f"http://{host}:{port}/webhooks/digital-river"
@@ -150,14 +158,13 @@ def banner(plan: RunPlan, host: str, port: int) -> list[str]:
     if plan.dev_secret:
         lines.append(f"development webhook secret {plan.dev_secret} (not for production)")
         lines.append("send the example event (paste into another shell):")
-        sign = (
-            f"refundsync sign --secret {shlex.quote(plan.dev_secret)} {shlex.quote(str(example))}"
-        )
+        cli, file = _cli(), shlex.quote(str(example))
         lines.append(
-            f"  {sign} | curl -sS -X POST {url} -H 'Content-Type: application/json'"
-            f' -H "DigitalRiver-Signature: $(cat)" --data-binary @{shlex.quote(str(example))}'
+            f"  {cli} sign --secret {shlex.quote(plan.dev_secret)} {file}"
+            f" | curl -sS -X POST {url} -H 'Content-Type: application/json'"
+            f' -H "DigitalRiver-Signature: $(cat)" --data-binary @{file}'
         )
         order = event["data"]["object"]["orderId"]  # type: ignore[index]
         database = f"DATABASE_URL={shlex.quote(plan.database_url)} " if plan.standalone else ""
-        lines.append(f"then: {database}refundsync order show {order}")
+        lines.append(f"then: {database}{cli} order show {order}")
     return lines

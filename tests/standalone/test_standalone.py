@@ -202,6 +202,27 @@ def test_signed_webhooks_apply_with_duplicates_and_out_of_order_delivery(
     support.wait_for(both_copies_counted, timeout=60, interval=0.5, what="2 deliveries each")
 
 
+def test_the_printed_lines_send_the_example_and_read_its_order(standalone: Standalone) -> None:
+    assert standalone.run is not None
+    log = standalone.run.log()
+    send = re.search(r"refundsync:   (.+ sign .+)", log)
+    then = re.search(r"refundsync: then: (.+)", log)
+    assert send, log[-3000:]
+    assert then, log[-3000:]
+    posted = subprocess.run(
+        ["bash", "-c", send.group(1)], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert json.loads(posted.stdout)["status"] == "queued"
+    example = json.loads((standalone.data_dir / "example-event.json").read_text())
+    assert standalone.wait_finished([example["id"]]) == {example["id"]: "applied"}
+    shown = subprocess.run(
+        ["bash", "-c", then.group(1)], capture_output=True, text=True, timeout=60, check=True
+    )
+    summary = json.loads(shown.stdout)
+    assert summary["orderId"] == example["data"]["object"]["orderId"]
+    assert summary["pendingRefundAmount"] == "10.00"
+
+
 def test_complete_before_pending_ends_succeeded_with_pending_stale(
     standalone: Standalone,
 ) -> None:
