@@ -119,7 +119,7 @@ class Standalone:
             ).fetchall()
         return dict(rows)
 
-    def wait_finished(self, ids: list[str], timeout: float = 120) -> dict[str, str]:
+    def wait_finished(self, ids: list[str], timeout: float = 300) -> dict[str, str]:
         def done() -> dict[str, str] | None:
             found = self.outcomes(ids)
             finished = len(found) == len(set(ids)) and "queued" not in found.values()
