@@ -86,6 +86,8 @@ app.conf.update(
     task_acks_on_timeout=False,
     # Task events feed Flower; the SQLite broker has no fanout exchange to carry them.
     worker_send_task_events=not STANDALONE,
+    # Task events go out in batches (worker.consumer).
+    worker_consumer="worker.consumer:Consumer",
     worker_enable_remote_control=not STANDALONE,
     task_send_sent_event=False,
     enable_utc=True,

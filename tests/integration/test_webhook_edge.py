@@ -77,6 +77,14 @@ def test_signed_event_is_queued_with_202(empty_queue: BareIngest) -> None:
     assert empty_queue.queued() == 1
 
 
+def test_webhook_answers_carry_their_length_not_chunked(empty_queue: BareIngest) -> None:
+    body = _event()
+    for headers in (support.signed_headers(body), support.signed_headers(body, secret="wrong")):
+        response = empty_queue.post(body, headers)
+        assert response.headers["content-length"] == str(len(response.content))
+        assert "transfer-encoding" not in response.headers
+
+
 def test_rotating_second_secret_is_accepted(empty_queue: BareIngest) -> None:
     body = _event()
     response = empty_queue.post(body, support.signed_headers(body, secret=support.OTHER_SECRET))

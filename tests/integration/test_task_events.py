@@ -1,0 +1,103 @@
+"""Task events, which feed Flower, leave a real worker in batches and none is dropped."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import threading
+import time
+import uuid
+from typing import Any
+
+import redis as redis_client
+
+from tests import eventgen, support
+from worker.consumer import EVENT_FLUSH_S
+
+# Celery's own limit: a buffer this full is published at once.
+CELERY_BUFFER_LIMIT = 24
+
+
+class EventTap(threading.Thread):
+    """Every publish on Celery's event exchange, with the task events it carries."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.pubsub = redis_client.Redis.from_url(url).pubsub()  # type: ignore[no-untyped-call]
+        self.pubsub.psubscribe("*celeryev*")
+        self.publishes: list[tuple[float, list[dict[str, Any]]]] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            message = self.pubsub.get_message(timeout=0.2)
+            if not message or message["type"] != "pmessage":
+                continue
+            envelope = json.loads(message["data"])
+            body = json.loads(base64.b64decode(envelope["body"]))
+            events = body if isinstance(body, list) else [body]
+            tasks = [e for e in events if str(e.get("type", "")).startswith("task-")]
+            if tasks:
+                self.publishes.append((time.monotonic(), tasks))
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join()
+        self.pubsub.close()
+
+
+def _task_ids(tap: EventTap) -> set[str]:
+    return {
+        str(e["uuid"])
+        for _, events in tap.publishes
+        for e in events
+        if e["type"] == "task-succeeded"
+    }
+
+
+def _wait(tap: EventTap, count: int) -> None:
+    support.wait_for(
+        lambda: len(_task_ids(tap)) >= count, timeout=30, what=f"{count} task-succeeded events"
+    )
+
+
+def test_task_events_are_batched_and_complete(database: support.Database) -> None:
+    redis = support.RedisServer().start()
+    tap = EventTap(redis.url)
+    tap.start()
+    worker: support.Process | None = None
+    engine = support.engine_for(database.url)
+    try:
+        worker = support.start_worker(support.service_env(database.url, redis.url), "ev", 2)
+        rng = random.Random(5)
+        events = [
+            event
+            for n in range(12)
+            for event in eventgen.order_history(rng, f"ev-{uuid.uuid4().hex[:8]}-{n}", 5)
+        ]
+        support.publish_all(redis.url, [json.dumps(event).encode() for event in events])
+        support.wait_finished(engine, [str(event["id"]) for event in events])
+        _wait(tap, len(events))
+
+        # Monitors still see every task, by event id and type only.
+        shown = " ".join(
+            str(e["args"])
+            for _, batch in tap.publishes
+            for e in batch
+            if e["type"] == "task-received"
+        )
+        assert all(f"'{event['id']}', '{event['type']}'" in shown for event in events)
+        # At most one publish per flush window, plus one per full buffer: one publish per
+        # event loop turn (Celery's default) gives about one per task.
+        times = [moment for moment, _ in tap.publishes]
+        carried = sum(len(batch) for _, batch in tap.publishes)
+        bound = (times[-1] - times[0]) / EVENT_FLUSH_S + carried / CELERY_BUFFER_LIMIT + 2
+        assert len(tap.publishes) <= bound, (len(tap.publishes), bound, carried)
+        assert len(tap.publishes) < len(events)
+    finally:
+        if worker is not None:
+            worker.stop()
+        tap.stop()
+        engine.dispose()
+        redis.cleanup()
