@@ -6,6 +6,7 @@ even when a worker dies, and the convergence rule makes the "more than once" har
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 
@@ -144,6 +145,23 @@ def _after_fork(**_: object) -> None:
     from worker import processing
 
     processing.reset_engine()
+    freeze_startup_objects()
+
+
+@worker_ready.connect
+def _main_process_ready(**_: object) -> None:
+    freeze_startup_objects()
+
+
+def freeze_startup_objects() -> None:
+    """Exempt what start-up built (modules, the app, settings, engines) from collection.
+
+    A full collection walks every tracked object, about 180,000 once everything is
+    imported: a pause of about 100 ms every minute or so at 200 events/s, during which
+    events queue up. Frozen, those objects are never walked again, and a full collection
+    only visits what was allocated since.
+    """
+    gc.freeze()
 
 
 @worker_ready.connect
