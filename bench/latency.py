@@ -1,6 +1,7 @@
 """Benchmark 3: end-to-end latency at a steady webhook rate, ingest -> worker -> Postgres.
 
     .venv/bin/python -m bench.latency [--rate 200] [--seconds 60] [--runs 3] [--workers 2]
+        [--warmup 2] [--timeline PREFIX]
 
 Each run gets a fresh database, a private Redis, the real ingest and one real
 `refundsync worker --concurrency W`. Signed DR events (eventgen histories of 10 events per
@@ -123,7 +124,7 @@ class _Connection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection that carries one request at a time.
 
     The load generator shares the two cores with what it measures, so it must cost little:
-    httpx took 2.5 ms of a core per request here, a quarter of the machine at 200/s. This
+    httpx took about 3 ms of a core per request here, a quarter of the machine at 200/s. This
     writes request bytes and reads only the status line and Content-Length of each answer
     (the ingest always sends one).
     """

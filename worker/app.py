@@ -26,9 +26,12 @@ from models.db import SQLITE_BUSY_TIMEOUT_S
 from models.messages import RECONCILE_TASK, SWEEP_TASK
 from models.settings import load_or_exit
 from models.telemetry import share_metrics_between_processes
+from worker import redis_broker
 from worker.broker import is_standalone
 
 settings = load_or_exit("REDIS_URL")
+# Before any connection exists: a message Redis stops delivering halfway is kept, not lost.
+redis_broker.register()
 
 # A message a dead worker held is restored to the queue once it has been unacknowledged
 # this long. Together with the restore scan below, a lost worker's events are back within

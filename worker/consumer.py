@@ -1,4 +1,5 @@
-"""The worker's consumer: Celery's, with task events sent in batches.
+"""The worker's consumer: Celery's, with task events sent in batches, and surviving a
+broker that goes away while the worker waits on it.
 
 Celery buffers task events (`task-received`, `-started`, `-succeeded`, ...) and publishes
 the buffer on the next turn of the event loop, which under load is one Redis round trip
@@ -10,30 +11,57 @@ task that much later; nothing else reads these events.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
+
+log = logging.getLogger("refundsync.worker")
 
 # How long a task event may wait before it is published.
 EVENT_FLUSH_S = 0.1
 
 
 class Consumer(CeleryConsumer):  # type: ignore[misc]
-    _flush_pending = False
+    # When the scheduled flush is due (0: none is scheduled).
+    _flush_due = 0.0
 
     def on_send_event_buffered(self) -> None:
-        if self.hub is None or self._flush_pending:
+        if self.hub is None:
             return
-        self._flush_pending = True
+        now = time.monotonic()
+        # A flush is on its way, unless it is long overdue: a timer lost with the event
+        # loop must not leave events in the buffer until Celery's size limit is reached.
+        if self._flush_due and now < self._flush_due + 10 * EVENT_FLUSH_S:
+            return
+        self._flush_due = now + EVENT_FLUSH_S
         self.hub.call_later(EVENT_FLUSH_S, self._flush_buffered_events)
 
     def _flush_buffered_events(self) -> None:
-        self._flush_pending = False
+        self._flush_due = 0.0
         self._flush_events()
+
+    def on_connection_error_after_connected(self, exc: BaseException) -> None:
+        # When Redis goes away while the channel waits in BRPOP, Celery first collects the
+        # connection (dropping its transport, but the channel stays open because reading
+        # the cut-off BRPOP raised) and then closes it; closing the channel then tries to
+        # restore its unacknowledged messages through the dropped transport and raises
+        # AttributeError, which Celery treats as unrecoverable and the worker exits.
+        # Those messages stay in Redis's unacknowledged set, and the restore scan brings
+        # them back after the visibility timeout, so the worker only has to reconnect.
+        try:
+            super().on_connection_error_after_connected(exc)
+        except AttributeError as error:
+            if self.connection is not None:
+                raise
+            log.warning(
+                "broker.close_failed",
+                extra={"error": f"{type(error).__name__}: {error}", "cause": str(exc)},
+            )
 
     def shutdown(self, *args: Any, **kwargs: Any) -> None:
         # The last events of a stopping worker are not left in the buffer.
-        if self._flush_pending:
-            self._flush_pending = False
-            self._flush_events()
+        if self._flush_due:
+            self._flush_buffered_events()
         super().shutdown(*args, **kwargs)

@@ -1,0 +1,69 @@
+"""kombu's Redis transport, with no message lost when Redis goes away mid-delivery.
+
+A worker takes a message with BRPOP, which removes it from the queue, and only then marks
+it unacknowledged (a second command, HSET), which is what brings it back if the worker
+never acknowledges it. When Redis stops between the two, as in a restart just after the
+ingest queued an event, kombu drops the message: it is in no Redis key and the worker
+discards it with the broken connection. Here the worker keeps such a message and puts it
+back on its queue, marked redelivered, as soon as it has a connection again.
+
+A worker killed between the two commands still loses its message; only reconciliation
+with DR's Events API brings that event back (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kombu.transport import TRANSPORT_ALIASES
+from kombu.transport import redis as kombu_redis
+
+log = logging.getLogger("refundsync.worker")
+
+# Messages this process took off a queue but could not mark unacknowledged: (payload,
+# exchange, routing key), as kombu keeps them in its unacknowledged hash. Module-wide
+# because the channel that took them is discarded with its connection.
+_stranded: list[tuple[dict[str, Any], str, str]] = []
+
+
+class QoS(kombu_redis.QoS):
+    def append(self, message: Any, delivery_tag: str) -> None:
+        try:
+            super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
+        except self.channel.connection_errors:
+            delivery = message.delivery_info
+            _stranded.append((message._raw, delivery["exchange"], delivery["routing_key"]))
+            log.warning("broker.delivery_interrupted", extra={"delivery_tag": delivery_tag})
+            raise
+
+
+class Channel(kombu_redis.Channel):
+    QoS = QoS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Connects (kombu pings Redis here); a new channel is the first moment a
+        # stranded message can go back.
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        if _stranded:
+            self._requeue_stranded()
+
+    def _requeue_stranded(self) -> None:
+        taken = list(_stranded)
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline()
+            for payload, exchange, routing_key in taken:
+                self._do_restore_message(payload, exchange, routing_key, pipe)  # type: ignore[no-untyped-call]
+            pipe.execute()
+        del _stranded[: len(taken)]
+        log.warning("broker.requeued_interrupted", extra={"messages": len(taken)})
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+
+def register() -> None:
+    """Serve `redis://` and `rediss://` broker URLs with this transport in this process."""
+    for scheme in ("redis", "rediss"):
+        TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
