@@ -266,10 +266,12 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-def _machine() -> tuple[int, int]:
-    """(busy, all) ticks of the whole machine so far, summed over its CPUs."""
+def _machine() -> tuple[int, int, int]:
+    """(busy, stolen, all) ticks of the whole machine so far, summed over its CPUs. Stolen
+    time is when the hypervisor ran someone else on these cores: counted in busy, but
+    nobody here used it."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return sum(values) - values[3] - values[4], sum(values)
+    return sum(values) - values[3] - values[4], values[7], sum(values)
 
 
 def _commits(db: str) -> int:
@@ -333,9 +335,11 @@ class CpuMeter:
             part: sum(t - self.before[part].get(pid, 0) for pid, t in ticks.items()) / hz / wall
             for part, ticks in after.items()
         }
-        busy = (machine[0] - self.machine_before[0]) / max(1, machine[1] - self.machine_before[1])
-        cores["machine"] = busy * (os.cpu_count() or 1)
-        cores["other"] = max(0.0, cores["machine"] - sum(cores[p] for p in after))
+        ticks = max(1, machine[2] - self.machine_before[2])
+        cpus = os.cpu_count() or 1
+        cores["machine"] = (machine[0] - self.machine_before[0]) / ticks * cpus
+        cores["stolen"] = (machine[1] - self.machine_before[1]) / ticks * cpus
+        cores["other"] = max(0.0, cores["machine"] - cores["stolen"] - sum(cores[p] for p in after))
         cores["seconds"] = wall
         return cores
 
@@ -530,7 +534,8 @@ def main() -> None:
                     "other",
                 )
             )
-            + f"; machine {result.cpu['machine']:.2f} of {os.cpu_count()};"
+            + f"; machine {result.cpu['machine']:.2f} of {os.cpu_count()}"
+            f" (stolen by the hypervisor {result.cpu['stolen']:.2f});"
             f" CPU ms/event: worker main {per_event('worker main'):.2f}, pool"
             f" {per_event('worker pool'):.2f}, postgres {per_event('postgres'):.2f};"
             f" commits/event {result.commits / total:.2f}",
