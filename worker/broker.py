@@ -14,6 +14,7 @@ one a worker still holds; `prepare` makes them visible again when
 from __future__ import annotations
 
 import json
+import logging
 from queue import Empty
 from typing import Any
 
@@ -21,6 +22,9 @@ from kombu.connection import Connection
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import sqlalchemy as kombu_sqlalchemy
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+log = logging.getLogger("refundsync.worker")
 
 SCHEME = "refundsync-sqlite"
 # Where the message row's id travels with a delivered message.
@@ -40,7 +44,32 @@ def is_standalone(url: str) -> bool:
 class Channel(kombu_sqlalchemy.Channel):
     """kombu's SQLAlchemy channel, deleting messages once they are settled."""
 
+    # A statement or commit that fails (SQLite's "database is locked" once the busy timeout
+    # runs out) leaves kombu's session unusable until it is rolled back: every later poll
+    # would fail, and Celery would stop the worker. Each operation rolls back on failure.
+
     def _get(self, queue: str, timeout: float | None = None) -> Any:
+        try:
+            return self._take(queue)
+        except OperationalError as exc:
+            self.session.rollback()
+            # Nothing was taken; the next poll tries again.
+            log.warning("broker.poll_failed", extra={"error": str(exc.orig)})
+            raise Empty() from exc
+        except SQLAlchemyError:
+            self.session.rollback()
+            raise
+
+    def _put(self, queue: Any, payload: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        try:
+            return super()._put(queue, payload, **kwargs)  # type: ignore[no-untyped-call]
+        except SQLAlchemyError:
+            # The publisher reports the failure (the ingest answers 503); the session
+            # must stay usable for the next message.
+            self.session.rollback()
+            raise
+
+    def _take(self, queue: str) -> Any:
         obj = self._get_or_create(queue)  # type: ignore[no-untyped-call]
         self.session.execute(text("BEGIN IMMEDIATE TRANSACTION"))
         try:
@@ -70,8 +99,14 @@ class Channel(kombu_sqlalchemy.Channel):
         row = message.properties.get(_ROW) if message is not None else None
         if row is None:
             return
-        self.session.query(self.message_cls).filter(self.message_cls.id == row).delete()
-        self.session.commit()
+        try:
+            self.session.query(self.message_cls).filter(self.message_cls.id == row).delete()
+            self.session.commit()
+        except SQLAlchemyError as exc:
+            self.session.rollback()
+            # The row stays taken: `run` makes it visible again at the next start, and a
+            # second apply of its event changes nothing.
+            log.warning("broker.settle_failed", extra={"row": row, "error": str(exc)})
 
     def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
         message = self.qos._delivered.get(delivery_tag)

@@ -10,6 +10,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from queue import Empty
 
 import pytest
 from kombu.connection import Connection
@@ -83,3 +84,23 @@ def test_acknowledged_and_rejected_messages_leave_the_file(url: str) -> None:
         assert back.delivery_info["redelivered"] is True
         back.ack()
     assert _rows(url) == []
+
+
+def test_a_poll_that_finds_the_file_locked_is_empty_and_the_next_one_works(url: str) -> None:
+    prepare(url, "q")
+    path = url.split(":///", 1)[1]
+    # SQLite's busy timeout (1 s here) runs out while another process holds the write lock.
+    options = {"connect_args": {"timeout": 1}}
+    with Connection(url, transport_options=options) as connection:  # type: ignore[no-untyped-call]
+        connection.SimpleQueue("q").put({"n": 1})
+        channel = connection.channel()
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(Empty):
+                channel._get("q")
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert channel._get("q")["body"]
+    assert [visible for _, visible in _rows(url)] == [0]
