@@ -246,6 +246,21 @@ def start_worker(env: Mapping[str, str], name: str, concurrency: int = 1, *extra
     return process
 
 
+def python_json(code: str, env: Mapping[str, str]) -> Any:
+    """Run `code` in a fresh interpreter at the project's root; its last line of output, as
+    JSON (for reading what a process really loads or does at start-up)."""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    return json.loads(result.stdout.splitlines()[-1])
+
+
 def signed_headers(
     body: bytes, *, secret: str = SECRET, timestamp: int | None = None
 ) -> dict[str, str]:

@@ -3,14 +3,7 @@ garbage collector, so full collections no longer pause them for ~100 ms to walk 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 from tests import support
-
-ROOT = Path(__file__).resolve().parents[2]
 
 _WORKER = """
 import gc, json
@@ -36,23 +29,9 @@ print(json.dumps(found))
 """
 
 
-def _run(code: str, env: dict[str, str]) -> dict[str, int]:
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        cwd=ROOT,
-    )
-    found: dict[str, int] = json.loads(result.stdout.splitlines()[-1])
-    return found
-
-
 def test_worker_processes_freeze_start_up_objects() -> None:
     env = support.service_env("postgresql://127.0.0.1:1/x", "redis://127.0.0.1:1/0")
-    found = _run(_WORKER, env)
+    found = support.python_json(_WORKER, env)
     assert found["imported"] == 0
     # Everything the app and its tasks imported, tens of thousands of objects.
     assert found["pool process"] > 10_000
@@ -62,7 +41,7 @@ def test_worker_processes_freeze_start_up_objects() -> None:
 def test_ingest_freezes_start_up_objects(database: support.Database) -> None:
     redis = support.RedisServer().start()
     try:
-        found = _run(_INGEST, support.service_env(database.url, redis.url))
+        found = support.python_json(_INGEST, support.service_env(database.url, redis.url))
     finally:
         redis.cleanup()
     assert found["imported"] == 0

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 from tests import support
 
 _PRINT = """
@@ -24,18 +19,10 @@ print(json.dumps({
 
 def test_apply_tasks_are_acknowledged_only_once_finished() -> None:
     env = support.service_env("postgresql://127.0.0.1:1/x", "redis://127.0.0.1:1/0")
-    result = subprocess.run(
-        [sys.executable, "-c", _PRINT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        cwd=Path(__file__).resolve().parents[2],
-    )
+    loaded = support.python_json(_PRINT, env)
     # A task killed by the hard time limit goes back on the queue: it may have died before
     # its event was recorded.
-    assert json.loads(result.stdout.splitlines()[-1]) == {
+    assert loaded == {
         "acks_late": True,
         "acks_on_timeout": False,
         "reject_on_worker_lost": True,
