@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -33,6 +34,10 @@ class Stack:
         )
 
 
+# The session stack's process logs, shown only for the tests that use it.
+_STACK_LOGS: set[Path] = set()
+
+
 @pytest.fixture(scope="session")
 def database() -> Iterator[support.Database]:
     db = support.Database().create()
@@ -53,6 +58,7 @@ def stack(database: support.Database) -> Iterator[Stack]:
         ingest, base = support.start_ingest(env)
         processes.append(ingest)
         processes.extend(support.start_worker(env, name) for name in ("w1", "w2"))
+        _STACK_LOGS.update(process.log_path for process in processes)
         yield Stack(base, database.url, redis, engine, env, processes)
     finally:
         for process in processes:
@@ -66,8 +72,16 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
-    stack: Stack | None = getattr(item, "funcargs", {}).get("stack")
-    if report.when == "call" and report.failed and stack is not None:
-        for process in stack.processes:
-            report.sections.append((f"log of {process.name}", process.log()[-6000:]))
+    if report.when == "call" and report.failed:
+        # The session's shared stack only where the test used it; every other process
+        # still running belongs to this test.
+        uses_stack = "stack" in getattr(item, "funcargs", {})
+        for path, name in list(support.RUNNING_LOGS.items()):
+            if path in _STACK_LOGS and not uses_stack:
+                continue
+            try:
+                tail = path.read_text(errors="replace")[-6000:]
+            except FileNotFoundError:
+                continue
+            report.sections.append((f"log of {name}", tail))
     return report

@@ -35,6 +35,11 @@ ADMIN_DSN = os.environ.get(
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+# Log files of the subprocesses still running, by name: a failing test's report shows
+# their tails (tests/conftest.py), since their output is the only trace of what happened.
+RUNNING_LOGS: dict[Path, str] = {}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -165,6 +170,7 @@ class Process:
         self.name = name
         self.log_path = Path(tempfile.mkstemp(prefix=f"refundsync-{name}-", suffix=".log")[1])
         self._log = self.log_path.open("wb")
+        RUNNING_LOGS[self.log_path] = name
         # By default the refundsync CLI; module=False runs `python <args>` as given.
         command = [sys.executable, "-m", "worker.cli", *args] if module else [sys.executable, *args]
         # A metrics directory of its own, removed with the process even if it is killed.
@@ -201,6 +207,7 @@ class Process:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         self._log.close()
+        RUNNING_LOGS.pop(self.log_path, None)
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
         self.log_path.unlink(missing_ok=True)
 
@@ -297,9 +304,18 @@ def wait_finished(engine: Engine, ids: list[str], timeout: float = 120) -> dict[
             return found
         return None
 
-    found: dict[str, str] = wait_for(
-        done, timeout=timeout, interval=0.1, what=f"{len(wanted)} events to finish"
-    )
+    try:
+        found: dict[str, str] = wait_for(
+            done, timeout=timeout, interval=0.1, what=f"{len(wanted)} events to finish"
+        )
+    except TimeoutError as exc:
+        seen = outcomes(engine, list(wanted))
+        missing = sorted(wanted - set(seen))
+        queued = sorted(event_id for event_id, outcome in seen.items() if outcome == "queued")
+        raise TimeoutError(
+            f"{exc}: {len(missing)} never recorded (e.g. {missing[:3]}), "
+            f"{len(queued)} still queued (e.g. {queued[:3]})"
+        ) from None
     return found
 
 

@@ -1,5 +1,4 @@
-"""The worker's consumer: Celery's, with task events sent in batches, and surviving a
-broker that goes away while the worker waits on it.
+"""The worker's consumer: Celery's, with task events sent in batches.
 
 Celery buffers task events (`task-received`, `-started`, `-succeeded`, ...) and publishes
 the buffer on the next turn of the event loop, which under load is one Redis round trip
@@ -11,13 +10,10 @@ task that much later; nothing else reads these events.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
-
-log = logging.getLogger("refundsync.worker")
 
 # How long a task event may wait before it is published.
 EVENT_FLUSH_S = 0.1
@@ -41,24 +37,6 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
     def _flush_buffered_events(self) -> None:
         self._flush_due = 0.0
         self._flush_events()
-
-    def on_connection_error_after_connected(self, exc: BaseException) -> None:
-        # When Redis goes away while the channel waits in BRPOP, Celery first collects the
-        # connection (dropping its transport, but the channel stays open because reading
-        # the cut-off BRPOP raised) and then closes it; closing the channel then tries to
-        # restore its unacknowledged messages through the dropped transport and raises
-        # AttributeError, which Celery treats as unrecoverable and the worker exits.
-        # Those messages stay in Redis's unacknowledged set, and the restore scan brings
-        # them back after the visibility timeout, so the worker only has to reconnect.
-        try:
-            super().on_connection_error_after_connected(exc)
-        except AttributeError as error:
-            if self.connection is not None:
-                raise
-            log.warning(
-                "broker.close_failed",
-                extra={"error": f"{type(error).__name__}: {error}", "cause": str(exc)},
-            )
 
     def shutdown(self, *args: Any, **kwargs: Any) -> None:
         # The last events of a stopping worker are not left in the buffer.

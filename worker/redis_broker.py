@@ -1,4 +1,5 @@
-"""kombu's Redis transport, with no message lost when Redis goes away mid-delivery.
+"""kombu's Redis transport, with no message lost when Redis goes away mid-delivery, and no
+worker stopped by a late acknowledgement after a lost connection.
 
 A worker takes a message with BRPOP, which removes it from the queue, and only then marks
 it unacknowledged (a second command, HSET), which is what brings it back if the worker
@@ -9,6 +10,13 @@ back on its queue, marked redelivered, as soon as it has a connection again.
 
 A worker killed between the two commands still loses its message; only reconciliation
 with DR's Events API brings that event back (docs/reliability.md).
+
+When Celery loses the connection it drops the transport, but a channel can outlive it:
+a task that finishes afterwards still acknowledges through it. kombu then fails with
+AttributeError, which Celery treats as a bug and stops the worker. Here that channel
+raises a connection error instead, which Celery logs and survives: the message stays
+unacknowledged in Redis and comes back after the visibility timeout, where the event's
+deduplication finds it already applied.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from typing import Any
 
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 log = logging.getLogger("refundsync.worker")
 
@@ -47,6 +56,13 @@ class Channel(kombu_redis.Channel):
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         if _stranded:
             self._requeue_stranded()
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        # Every new Redis client starts here; a dropped transport has no client.
+        if self.connection is None or self.connection.client is None:
+            raise RedisConnectionError("the broker connection was closed")
+        params: dict[str, Any] = super()._connparams(asynchronous)  # type: ignore[no-untyped-call]
+        return params
 
     def _requeue_stranded(self) -> None:
         taken = list(_stranded)

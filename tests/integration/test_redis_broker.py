@@ -7,6 +7,8 @@ message itself, stops Redis, then marks it, the way kombu's `basic_get` does.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from kombu.connection import Connection
 from kombu.transport import TRANSPORT_ALIASES
@@ -46,4 +48,42 @@ def test_a_message_taken_when_redis_stopped_goes_back_marked_redelivered(
         assert redis_broker._stranded == []
     finally:
         redis_broker._stranded.clear()
+        server.cleanup()
+
+
+def test_an_acknowledgement_after_the_connection_was_dropped_is_logged_not_fatal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for scheme in ("redis", "rediss"):
+        monkeypatch.setitem(TRANSPORT_ALIASES, scheme, TRANSPORT_ALIASES[scheme])
+    redis_broker.register()
+    server = support.RedisServer(appendonly=True).start()
+    try:
+        connection: Any = Connection(server.url)  # type: ignore[no-untyped-call]
+        connection.SimpleQueue("q").put({"n": 1})
+        channel = connection.channel()
+        message = channel.Message(channel._get("q"), channel=channel)
+        channel.qos.append(message, message.delivery_tag)
+        # What Celery does when the broker goes away: the transport is dropped, and a task
+        # that was running acknowledges afterwards, through the channel it came on.
+        errors = connection.connection_errors + connection.channel_errors
+        server.cli("SHUTDOWN")
+        support.wait_for(lambda: not server.ping(), timeout=10, what="redis down")
+        connection.collect()
+        # Closing the channel may fail halfway with Redis gone; a worker caught it once its
+        # pools were released, so the acknowledgement has to make a new Redis client.
+        channel._disconnect_pools()
+        logged: list[str] = []
+
+        class Logger:
+            def critical(self, msg: str, *args: object, **kwargs: object) -> None:
+                logged.append(msg % args)
+
+        message.ack_log_error(Logger(), errors)
+        assert len(logged) == 1
+        assert "Couldn't ack" in logged[0]
+        # Still unacknowledged in Redis: the restore brings it back.
+        server.start()
+        assert server.cli("HLEN", "unacked") == "1"
+    finally:
         server.cleanup()

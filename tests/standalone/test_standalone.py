@@ -45,6 +45,7 @@ class Run:
     def __init__(self, command: list[str], env: Mapping[str, str], cwd: Path | None = None):
         self.log_path = Path(tempfile.mkstemp(prefix="refundsync-standalone-", suffix=".log")[1])
         self._log = self.log_path.open("wb")
+        support.RUNNING_LOGS[self.log_path] = "refundsync run"
         self.proc = subprocess.Popen(
             command,
             env=dict(env),
@@ -77,6 +78,7 @@ class Run:
                 self.proc.wait(timeout=10)
                 raise
         self._log.close()
+        support.RUNNING_LOGS.pop(self.log_path, None)
         return self.proc.returncode
 
 
