@@ -9,12 +9,18 @@ so a message whose worker died mid-task would stay invisible for good. This one 
 message when it is acknowledged (or rejected, or put back), so every invisible message is
 one a worker still holds; `prepare` makes them visible again when
 `refundsync run` starts, before its one worker does. It also polls every 0.1 s, not 1 s.
+
+kombu gives each channel one SQLAlchemy session, but a Celery worker on a transport with
+no event loop of its own polls in its main thread and acknowledges from its pool's result
+thread, at the same time; a session is not safe to share between threads, and a shared
+one ends up stuck mid-commit, which stops the worker. Here each thread has its own.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from queue import Empty
 from typing import Any
 
@@ -23,6 +29,7 @@ from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import sqlalchemy as kombu_sqlalchemy
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
 log = logging.getLogger("refundsync.worker")
 
@@ -43,6 +50,19 @@ def is_standalone(url: str) -> bool:
 
 class Channel(kombu_sqlalchemy.Channel):
     """kombu's SQLAlchemy channel, deleting messages once they are settled."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._sessions = threading.local()
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    @property
+    def session(self) -> Session:
+        """This thread's session on the queue file."""
+        session: Session | None = getattr(self._sessions, "session", None)
+        if session is None:
+            _, factory = self._open()  # type: ignore[no-untyped-call]
+            session = self._sessions.session = factory()
+        return session
 
     # A statement or commit that fails (SQLite's "database is locked" once the busy timeout
     # runs out) leaves kombu's session unusable until it is rolled back: every later poll

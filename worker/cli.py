@@ -97,18 +97,27 @@ def ingest(host: str, port: int, workers: int) -> None:
 @click.pass_context
 def worker(ctx: click.Context) -> None:
     _settings("REDIS_URL", "DATABASE_URL")
-    from worker.app import app
-
-    app.worker_main(["worker", "--loglevel", "INFO", *ctx.args])
+    _celery("worker", ctx.args)
 
 
 @main.command(context_settings=PASS_THROUGH, help="Run Celery beat (periodic tasks).")
 @click.pass_context
 def beat(ctx: click.Context) -> None:
     _settings("REDIS_URL", "DATABASE_URL")
-    from worker.app import app
+    _celery("beat", ctx.args)
 
-    app.start(["beat", "--loglevel", "INFO", *ctx.args])
+
+def _celery(command: str, args: list[str]) -> None:
+    """Run a `celery` command on refundsync's app; exits with its status.
+
+    Not `app.worker_main`/`app.start`: they return instead of exiting, and drop the
+    status of a worker stopped by an unrecoverable error, which then exits 0 and a
+    supervisor that restarts failed processes leaves it down.
+    """
+    from celery.bin.celery import celery
+
+    argv = ["--app", "worker.app:app", command, "--loglevel", "INFO", *args]
+    celery.main(argv, prog_name="refundsync", standalone_mode=True)
 
 
 @main.command(
@@ -201,8 +210,9 @@ def run(host: str, port: int, data_dir: Path | None, dev_secret: bool) -> None:
     failed = False
     for name, child in zip(("ingest", "worker", "beat"), children, strict=False):
         code = child.wait()
-        # A child stopped by the signal it was sent stopped as asked.
-        if code not in (0, -signal.SIGTERM) or (code and child.pid not in signalled):
+        # A child stopped by the signal it was sent stopped as asked; one that ended on its
+        # own, even with status 0, left the service incomplete.
+        if code not in (0, -signal.SIGTERM) or child.pid not in signalled:
             click.echo(f"refundsync: {name} exited with status {code}", err=True)
             failed = True
     sys.exit(1 if failed else 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -103,3 +104,38 @@ def test_database_down_is_one_line(database: support.Database) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("refundsync: database unavailable:")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# A worker whose consumer fails the way a kombu bug does: Celery logs "Unrecoverable
+# error" and stops the worker.
+_UNRECOVERABLE = """
+from celery.worker.consumer import Consumer
+def start(self):
+    raise RuntimeError("injected")
+Consumer.start = start
+from worker.cli import main
+main(["worker", "--concurrency", "1", "--without-mingle", "--without-gossip"])
+"""
+
+
+def test_a_worker_stopped_by_an_unrecoverable_error_exits_1_and_one_stopped_by_sigterm_0(
+    database: support.Database,
+) -> None:
+    # A supervisor that restarts failed processes has to see the first as a failure.
+    redis = support.RedisServer().start()
+    env = support.service_env(database.url, redis.url)
+    try:
+        failing = support.Process("worker-failing", ["-c", _UNRECOVERABLE], env, module=False)
+        try:
+            assert failing.proc.wait(timeout=60) == 1, failing.log()[-4000:]
+            assert "Unrecoverable error: RuntimeError('injected')" in failing.log()
+        finally:
+            failing.stop()
+        worker = support.start_worker(env, "stopped")
+        try:
+            worker.proc.send_signal(signal.SIGTERM)
+            assert worker.proc.wait(timeout=60) == 0, worker.log()[-4000:]
+        finally:
+            worker.stop()
+    finally:
+        redis.cleanup()

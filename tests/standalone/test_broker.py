@@ -8,9 +8,11 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
-from queue import Empty
+from queue import Empty, SimpleQueue
+from typing import Any
 
 import pytest
 from kombu.connection import Connection
@@ -104,3 +106,36 @@ def test_a_poll_that_finds_the_file_locked_is_empty_and_the_next_one_works(url: 
             holder.close()
         assert channel._get("q")["body"]
     assert [visible for _, visible in _rows(url)] == [0]
+
+
+def test_messages_acknowledged_from_another_thread_while_polling_all_leave_the_file(
+    url: str,
+) -> None:
+    # Celery's worker, with a transport that has no event loop of its own (this one),
+    # polls in its main thread and acknowledges from the pool's result thread, at once.
+    prepare(url, "q")
+    count = 300
+    with Connection(url) as connection:  # type: ignore[no-untyped-call]
+        queue = connection.SimpleQueue("q")
+        for n in range(count):
+            queue.put({"n": n})
+        taken: SimpleQueue[Any] = SimpleQueue()
+        failures: list[BaseException] = []
+
+        def acknowledge() -> None:
+            while (message := taken.get()) is not None:
+                try:
+                    message.ack()
+                except Exception as exc:  # noqa: BLE001 - the test reports them all
+                    failures.append(exc)
+
+        acker = threading.Thread(target=acknowledge)
+        acker.start()
+        try:
+            for _ in range(count):
+                taken.put(queue.get(timeout=10))
+        finally:
+            taken.put(None)
+            acker.join(timeout=120)
+    assert failures == []
+    assert _rows(url) == []

@@ -327,6 +327,26 @@ def test_restart_on_the_same_data_dir_keeps_state_and_queued_events(data_dir: Pa
         second.stop()
 
 
+def test_a_worker_that_stops_on_its_own_stops_the_rest_and_fails(data_dir: Path) -> None:
+    service = Standalone(data_dir).start()
+    assert service.run is not None
+    run = service.run
+    try:
+        found = subprocess.run(
+            ["pgrep", "-P", str(run.proc.pid), "-f", "worker.cli worker"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        # A warm shutdown from outside: the worker itself exits 0.
+        os.kill(int(found.stdout.split()[0]), signal.SIGTERM)
+        assert run.proc.wait(timeout=60) == 1, run.log()[-4000:]
+        assert "refundsync: worker exited with status 0" in run.log()
+    finally:
+        run.stop()
+        run.log_path.unlink(missing_ok=True)
+
+
 def test_only_one_of_the_urls_set_is_an_error(data_dir: Path) -> None:
     for name, value in (
         ("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
