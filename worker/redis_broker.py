@@ -49,6 +49,9 @@ class QoS(kombu_redis.QoS):
 
 class Channel(kombu_redis.Channel):
     QoS = QoS
+    # The client for one-off commands (acknowledgements, marking a message unacknowledged,
+    # task events), with the connection pool it was made for.
+    _command_client: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Connects (kombu pings Redis here); a new channel is the first moment a
@@ -63,6 +66,19 @@ class Channel(kombu_redis.Channel):
             raise RedisConnectionError("the broker connection was closed")
         params: dict[str, Any] = super()._connparams(asynchronous)  # type: ignore[no-untyped-call]
         return params
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        # kombu builds a new redis-py client for every one-off command, about a tenth of the
+        # worker main process's time under load; a client is only a handle on the pool, so
+        # one per pool serves them all. A new pool (after a fork or a reconnection) gets a
+        # new client.
+        if asynchronous:
+            return super()._create_client(asynchronous=True)  # type: ignore[no-untyped-call]
+        pool = self.pool
+        client = self._command_client
+        if client is None or client.connection_pool is not pool:
+            client = self._command_client = super()._create_client()  # type: ignore[no-untyped-call]
+        return client
 
     def _requeue_stranded(self) -> None:
         taken = list(_stranded)

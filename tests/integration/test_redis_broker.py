@@ -87,3 +87,24 @@ def test_an_acknowledgement_after_the_connection_was_dropped_is_logged_not_fatal
         assert server.cli("HLEN", "unacked") == "1"
     finally:
         server.cleanup()
+
+
+def test_one_command_client_per_connection_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    for scheme in ("redis", "rediss"):
+        monkeypatch.setitem(TRANSPORT_ALIASES, scheme, TRANSPORT_ALIASES[scheme])
+    redis_broker.register()
+    server = support.RedisServer().start()
+    try:
+        with Connection(server.url) as connection:  # type: ignore[no-untyped-call]
+            channel = connection.channel()
+            with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+                assert first is second
+                assert first.ping()
+            # As after a fork or a lost connection: a new pool, and a client on it.
+            channel._disconnect_pools()
+            with channel.conn_or_acquire() as third:
+                assert third is not first
+                assert third.connection_pool is channel.pool
+                assert third.ping()
+    finally:
+        server.cleanup()
