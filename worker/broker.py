@@ -29,7 +29,7 @@ from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import sqlalchemy as kombu_sqlalchemy
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("refundsync.worker")
 
@@ -53,15 +53,23 @@ class Channel(kombu_sqlalchemy.Channel):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._sessions = threading.local()
+        self._factory: sessionmaker[Session] | None = None
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        # Kept now: kombu's _open needs the connection, which a closed channel no longer
+        # has, and a thread may still acknowledge through it for the first time.
+        self._session_factory()
+
+    def _session_factory(self) -> sessionmaker[Session]:
+        if self._factory is None:
+            self._factory = self._open()[1]  # type: ignore[no-untyped-call]
+        return self._factory
 
     @property
     def session(self) -> Session:
         """This thread's session on the queue file."""
         session: Session | None = getattr(self._sessions, "session", None)
         if session is None:
-            _, factory = self._open()  # type: ignore[no-untyped-call]
-            session = self._sessions.session = factory()
+            session = self._sessions.session = self._session_factory()()
         return session
 
     # A statement or commit that fails (SQLite's "database is locked" once the busy timeout

@@ -116,6 +116,10 @@ def _celery(command: str, args: list[str]) -> None:
     """
     from celery.bin.celery import celery
 
+    # Imported here first: Celery would report a failure to import the app as a usage
+    # error (status 2).
+    import worker.app  # noqa: F401
+
     argv = ["--app", "worker.app:app", command, "--loglevel", "INFO", *args]
     celery.main(argv, prog_name="refundsync", standalone_mode=True)
 
@@ -211,8 +215,9 @@ def run(host: str, port: int, data_dir: Path | None, dev_secret: bool) -> None:
     for name, child in zip(("ingest", "worker", "beat"), children, strict=False):
         code = child.wait()
         # A child stopped by the signal it was sent stopped as asked; one that ended on its
-        # own, even with status 0, left the service incomplete.
-        if code not in (0, -signal.SIGTERM) or child.pid not in signalled:
+        # own, even with status 0, left the service incomplete (unless a stop was asked
+        # for: a supervisor may signal every process of the group at once).
+        if code not in (0, -signal.SIGTERM) or (child.pid not in signalled and not stopping):
             click.echo(f"refundsync: {name} exited with status {code}", err=True)
             failed = True
     sys.exit(1 if failed else 0)

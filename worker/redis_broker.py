@@ -12,11 +12,12 @@ A worker killed between the two commands still loses its message; only reconcili
 with DR's Events API brings that event back (docs/reliability.md).
 
 When Celery loses the connection it drops the transport, but a channel can outlive it:
-a task that finishes afterwards still acknowledges through it. kombu then fails with
-AttributeError, which Celery treats as a bug and stops the worker. Here that channel
-raises a connection error instead, which Celery logs and survives: the message stays
-unacknowledged in Redis and comes back after the visibility timeout, where the event's
-deduplication finds it already applied.
+a task that finishes afterwards still acknowledges through it. If the channel has to make
+a new connection pool for that, kombu fails with AttributeError, which Celery treats as a
+bug and stops the worker. Here that channel raises a connection error instead, which
+Celery logs and survives: the message stays unacknowledged in Redis and comes back after
+the visibility timeout, where the event's deduplication finds it already applied. (A
+channel that still has its pool sends the acknowledgement if Redis is back.)
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class Channel(kombu_redis.Channel):
             self._requeue_stranded()
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
-        # Every new Redis client starts here; a dropped transport has no client.
+        # Every new connection pool starts here; a dropped transport has no client to
+        # take the address from.
         if self.connection is None or self.connection.client is None:
             raise RedisConnectionError("the broker connection was closed")
         params: dict[str, Any] = super()._connparams(asynchronous)  # type: ignore[no-untyped-call]

@@ -332,6 +332,8 @@ def test_a_worker_that_stops_on_its_own_stops_the_rest_and_fails(data_dir: Path)
     assert service.run is not None
     run = service.run
     try:
+        # Once Celery has its signal handlers: a worker still starting would die of SIGTERM.
+        run.wait_for_line(r"refundsync@\S+ ready\.", timeout=60)
         found = subprocess.run(
             ["pgrep", "-P", str(run.proc.pid), "-f", "worker.cli worker"],
             capture_output=True,
