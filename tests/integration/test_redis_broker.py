@@ -17,12 +17,15 @@ from tests import support
 from worker import redis_broker
 
 
-def test_a_message_taken_when_redis_stopped_goes_back_marked_redelivered(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture(autouse=True)
+def _registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """refundsync's transport serves redis:// URLs in this process for the test only."""
     for scheme in ("redis", "rediss"):
         monkeypatch.setitem(TRANSPORT_ALIASES, scheme, TRANSPORT_ALIASES[scheme])
     redis_broker.register()
+
+
+def test_a_message_taken_when_redis_stopped_goes_back_marked_redelivered() -> None:
     server = support.RedisServer(appendonly=True).start()
     try:
         with Connection(server.url) as connection:  # type: ignore[no-untyped-call]
@@ -51,12 +54,7 @@ def test_a_message_taken_when_redis_stopped_goes_back_marked_redelivered(
         server.cleanup()
 
 
-def test_an_acknowledgement_after_the_connection_was_dropped_is_logged_not_fatal(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    for scheme in ("redis", "rediss"):
-        monkeypatch.setitem(TRANSPORT_ALIASES, scheme, TRANSPORT_ALIASES[scheme])
-    redis_broker.register()
+def test_an_acknowledgement_after_the_connection_was_dropped_is_logged_not_fatal() -> None:
     server = support.RedisServer(appendonly=True).start()
     try:
         connection: Any = Connection(server.url)  # type: ignore[no-untyped-call]
@@ -89,10 +87,7 @@ def test_an_acknowledgement_after_the_connection_was_dropped_is_logged_not_fatal
         server.cleanup()
 
 
-def test_one_command_client_per_connection_pool(monkeypatch: pytest.MonkeyPatch) -> None:
-    for scheme in ("redis", "rediss"):
-        monkeypatch.setitem(TRANSPORT_ALIASES, scheme, TRANSPORT_ALIASES[scheme])
-    redis_broker.register()
+def test_one_command_client_per_connection_pool() -> None:
     server = support.RedisServer().start()
     try:
         with Connection(server.url) as connection:  # type: ignore[no-untyped-call]
