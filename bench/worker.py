@@ -127,6 +127,21 @@ def _preload(url: str, events: int, orders: int) -> None:
             " 'pre-e-' || g, now() FROM generate_series(1, %s) g",
             (orders,),
         )
+        # Every tenth order with a charge refund entry, every fiftieth with a chargeback: a
+        # table left empty here would be analyzed as empty, and planned as such.
+        conn.execute(
+            "INSERT INTO charge_refunds (order_id, charge_id, entry_key, entry_id, amount,"
+            " state, last_event_id, last_event_time) SELECT 'pre-' || g, 'ch-pre-' || g,"
+            " 'cre-pre-' || g, 'cre-pre-' || g, 10, 'succeeded', 'pre-e-' || g, now()"
+            " FROM generate_series(1, %s, 10) g",
+            (orders,),
+        )
+        conn.execute(
+            "INSERT INTO chargebacks (order_id, id, type, amount, last_event_id,"
+            " last_event_time) SELECT 'pre-' || g, 'st-pre-' || g, 'fraud_chargeback', 10,"
+            " 'pre-e-' || g, now() FROM generate_series(1, %s, 50) g",
+            (orders,),
+        )
         conn.execute(
             "INSERT INTO webhook_events (id, type, payload, outcome, deliveries, attempts,"
             " received_at, processed_at, order_id) SELECT 'pre-e-' || g, 'refund.complete',"
@@ -164,8 +179,11 @@ def _refundsync(
     engine = support.engine_for(db.url)
 
     def finished() -> bool:
-        # Counted through the (outcome, received_at) index, only this batch's rows: a scan
-        # of preloaded tables at every poll would cost the drain a core.
+        # Postgres is asked only once the queue is empty: counting the outcomes at every
+        # poll cost the drain a share of the cores (more on preloaded tables).
+        if redis.cli("LLEN", "refundsync") != "0" or redis.cli("HLEN", "unacked") != "0":
+            return False
+        # Counted through the (outcome, received_at) index, only this batch's rows.
         with engine.connect() as conn:
             from sqlalchemy import text
 
