@@ -47,14 +47,23 @@ def _machine() -> tuple[int, int]:
     return sum(values), values[3] + values[4]
 
 
-def _sample(worker: support.Process, redis: support.RedisServer) -> dict[str, float]:
+def _sample(worker: support.Process, redis: support.RedisServer) -> dict[str, dict[int, float]]:
+    """CPU seconds so far of each process of each part, by pid."""
     pid = worker.proc.pid
-    return {
-        "main": _cpu_s(pid),
-        "pool": sum(_cpu_s(child) for child in _pids("-P", str(pid))),
-        "postgres": sum(_cpu_s(p) for p in _pids("-x", "postgres")),
-        "redis": sum(_cpu_s(p) for p in _pids("-f", f"redis-server.*:{redis.port}")),
+    parts = {
+        "main": [pid],
+        "pool": _pids("-P", str(pid)),
+        # Every Postgres process on the machine: run the benchmark with nothing else on it.
+        "postgres": _pids("-x", "postgres"),
+        "redis": _pids("-f", f"redis-server.*:{redis.port}"),
     }
+    return {part: {p: _cpu_s(p) for p in pids} for part, pids in parts.items()}
+
+
+def _used(before: dict[int, float], after: dict[int, float]) -> float:
+    # Only processes alive at both ends: one that ended inside the window took its CPU
+    # time with it.
+    return sum(after[pid] - before[pid] for pid in after.keys() & before.keys())
 
 
 def _window(
@@ -92,9 +101,11 @@ def _window(
         seconds, (total, idle) = time.monotonic() - started, _machine()
         if queued() == 0:
             raise SystemExit("the queue ran dry inside the window: pass more --events")
+        if drained <= 0:
+            raise SystemExit("nothing was drained inside the window: see the worker's log")
     finally:
         worker.stop()
-    figures = {part: 1000 * (after[part] - before[part]) / drained for part in PARTS}
+    figures = {part: 1000 * _used(before[part], after[part]) / drained for part in PARTS}
     figures["busy"] = 1 - (idle - machine[1]) / (total - machine[0])
     figures["rate"] = drained / seconds
     return figures
@@ -130,7 +141,7 @@ def main() -> None:
             print(f"run {run + 1} {kind}: {figures['rate']:.0f}/s", flush=True)
     print(
         f"\nW={args.concurrency}, windows of {args.window:.0f} s, medians over {args.runs} runs;"
-        " ms of CPU per event (user + system)"
+        " ms of CPU per event (user + system); `all` adds up the parts' medians"
     )
     print(f"{'':14}" + "".join(f"{name:>10}" for name in (*PARTS, "all", "busy", "/s")))
     for kind, runs in results.items():
