@@ -73,26 +73,12 @@ def _window(
     extra: list[str],
     window_s: float,
 ) -> dict[str, float]:
-    worker = support.Process(
-        "cpu",
-        [
-            "worker",
-            "--concurrency",
-            str(concurrency),
-            "--without-mingle",
-            "--without-gossip",
-            "--hostname",
-            "cpu@%h",
-            *extra,
-        ],
-        env,
-    )
+    worker = support.start_worker(env, "cpu", concurrency, *extra)
 
     def queued() -> int:
         return int(redis.cli("LLEN", "refundsync"))
 
     try:
-        worker.wait_for_log("ready.", timeout=60)
         time.sleep(3)  # past the start-up
         before, left, machine = _sample(worker, redis), queued(), _machine()
         started = time.monotonic()

@@ -63,6 +63,11 @@ def publish_noop(redis_url: str, bodies: list[bytes]) -> None:
     sender.close()
 
 
+def queue_empty(redis: support.RedisServer) -> bool:
+    """Nothing left on refundsync's queue, and nothing taken but unacknowledged."""
+    return redis.cli("LLEN", "refundsync") == "0" and redis.cli("HLEN", "unacked") == "0"
+
+
 def _rss_kib(pid: int) -> int:
     """Peak RSS of a process and its children (the pool)."""
     total = 0
@@ -87,22 +92,8 @@ def _rss_kib(pid: int) -> int:
 def _drain(
     env: dict[str, str], name: str, concurrency: int, done: Any, extra: list[str]
 ) -> tuple[float, int]:
-    worker = support.Process(
-        name,
-        [
-            "worker",
-            "--concurrency",
-            str(concurrency),
-            "--without-mingle",
-            "--without-gossip",
-            "--hostname",
-            f"{name}@%h",
-            *extra,
-        ],
-        env,
-    )
+    worker = support.start_worker(env, name, concurrency, *extra)
     try:
-        worker.wait_for_log("ready.", timeout=60)
         started = time.monotonic()
         peak = 0
         while not done():
@@ -181,7 +172,7 @@ def _refundsync(
     def finished() -> bool:
         # Postgres is asked only once the queue is empty: counting the outcomes at every
         # poll cost the drain a share of the cores (more on preloaded tables).
-        if redis.cli("LLEN", "refundsync") != "0" or redis.cli("HLEN", "unacked") != "0":
+        if not queue_empty(redis):
             return False
         # Counted through the (outcome, received_at) index, only this batch's rows.
         with engine.connect() as conn:
@@ -265,9 +256,7 @@ def main() -> None:
                     env,
                     f"noop{processes}",
                     processes,
-                    lambda r=redis: (
-                        r.cli("LLEN", "refundsync") == "0" and r.cli("HLEN", "unacked") == "0"
-                    ),
+                    lambda r=redis: queue_empty(r),
                     NOOP_ARGS,
                 )
                 results.setdefault(f"celery no-op W={processes}", []).append(len(bodies) / seconds)
