@@ -20,6 +20,7 @@ from sqlalchemy import (
     Table,
     Text,
     Update,
+    any_,
     bindparam,
     case,
     cast,
@@ -188,6 +189,16 @@ def _lock_order_statement(dialect: str) -> Insert:
     ).returning(*orders.c)
 
 
+def _lock_orders_statement() -> Insert:
+    # Several orders at once (Postgres only), created if needed and locked in the order of
+    # their ids: transactions that lock orders this way never wait on each other in a cycle.
+    ids = func.unnest(bindparam("order_ids", type_=postgresql.ARRAY(Text))).label("id")
+    statement = postgresql.insert(orders).from_select(["id"], select(ids).order_by(ids))
+    return statement.on_conflict_do_update(
+        index_elements=[orders.c.id], set_={"id": statement.excluded.id}
+    ).returning(*orders.c)
+
+
 _CHILD_COLUMNS = (
     "id",
     "charge_id",
@@ -205,16 +216,20 @@ _CHILD_COLUMNS = (
 )
 
 
-def _children_statement() -> CompoundSelect[Any]:
-    # An order's refunds, charge refund entries and chargebacks in one round trip: one row
-    # shape for all three, `kind` naming the table a row comes from.
+def _children_statement(*, many: bool = False) -> CompoundSelect[Any]:
+    # An order's (or, `many`, several orders') refunds, charge refund entries and
+    # chargebacks in one round trip: one row shape for all three, `kind` naming the table a
+    # row comes from.
     def part(kind: str, table: Table) -> Select[Any]:
         columns = [
             table.c[name] if name in table.c else null().label(name) for name in _CHILD_COLUMNS
         ]
-        return select(literal(kind).label("kind"), *columns).where(
-            table.c.order_id == bindparam("order_id")
+        match = (
+            table.c.order_id == any_(bindparam("order_ids", type_=postgresql.ARRAY(Text)))
+            if many
+            else table.c.order_id == bindparam("order_id")
         )
+        return select(literal(kind).label("kind"), table.c.order_id, *columns).where(match)
 
     return union_all(
         part("refund", refunds), part("entry", charge_refunds), part("chargeback", chargebacks)
@@ -250,7 +265,9 @@ class _Statements:
     finish_event: Update
     lock_order: Insert
     lock_existing_order: Select[Any]
+    lock_orders: Insert
     children: CompoundSelect[Any]
+    children_of_orders: CompoundSelect[Any]
     save_order: Update
     save_refund: Insert
     save_entry: Insert
@@ -282,7 +299,9 @@ def _statements_for(dialect: str) -> _Statements:
         lock_existing_order=select(orders)
         .where(orders.c.id == bindparam("order_id"))
         .with_for_update(),
+        lock_orders=_lock_orders_statement(),
         children=_children_statement(),
+        children_of_orders=_children_statement(many=True),
         save_order=orders.update()
         .where(orders.c.id == bindparam("order_id"))
         .values(
@@ -351,6 +370,34 @@ def record_and_load(
     if order_id is None or not results[1]:
         return delivery, None
     return delivery, _state(results[1][0], results[2])
+
+
+# A copy to record: (raw payload, received at, source, new copy), as record_delivery takes.
+CopyFacts = tuple[str, datetime, str, bool]
+
+
+def record_copies(conn: Connection, copies: list[tuple[EventHeader, CopyFacts]]) -> list[Delivery]:
+    """Record several copies in one round trip, each as record_and_load does (locking its
+    event row), in the order given."""
+    statements = _statements(conn)
+    queries: list[tuple[Any, dict[str, Any]]] = [
+        (statements.record, _record_params(header, *facts, False)) for header, facts in copies
+    ]
+    return [_delivery(rows[0]) for rows in query_all(conn, queries)]
+
+
+def lock_orders(conn: Connection, order_ids: list[str]) -> dict[str, OrderState]:
+    """Create the orders that do not exist, lock all of them in the order of their ids, and
+    load their states, in one round trip; Postgres only."""
+    statements = _statements(conn)
+    key = {"order_ids": sorted(order_ids)}
+    order_rows, child_rows = query_all(
+        conn, [(statements.lock_orders, key), (statements.children_of_orders, key)]
+    )
+    children: dict[str, list[Any]] = {}
+    for child in child_rows:
+        children.setdefault(child.order_id, []).append(child)
+    return {row.id: _state(row, children.get(row.id, ())) for row in order_rows}
 
 
 def _record_params(
@@ -530,35 +577,83 @@ def save_and_finish(
 ) -> None:
     """Write what differs between two states of a locked order, one history row per change,
     and the event's outcome: every write of an applied event, sent together."""
-    statements, order_id = _statements(conn), after.order_id
-    writes = _order_writes(statements, before, after, changes, event_id) if changes else []
-    writes.append((statements.finish_event, _finish_params(event_id, outcome, None, order_id)))
+    save_all(
+        conn,
+        [(before, after)] if changes else [],
+        history_rows(after.order_id, event_id, changes),
+        [Finish(event_id, outcome, order_id=after.order_id)],
+    )
+
+
+@dataclass(frozen=True)
+class Finish:
+    """An event's outcome, to be recorded."""
+
+    event_id: str
+    outcome: Outcome
+    error: str | None = None
+    order_id: str | None = None
+
+
+def save_all(
+    conn: Connection,
+    orders_changed: Iterable[tuple[OrderState, OrderState]],
+    history: list[dict[str, Any]],
+    finishes: Iterable[Finish],
+) -> None:
+    """Every write of one or more events, sent together: for each locked order what differs
+    between its two states, the history rows, and the events' outcomes."""
+    statements = _statements(conn)
+    rows: dict[Any, list[dict[str, Any]]] = {
+        statements.save_order: [],
+        statements.save_refund: [],
+        statements.save_entry: [],
+        statements.save_chargeback: [],
+    }
+    for before, after in orders_changed:
+        for statement, changed in _order_writes(statements, before, after):
+            rows[statement] += changed
+    writes: list[tuple[Any, Params]] = [(s, changed) for s, changed in rows.items() if changed]
+    if history:
+        writes.append((statements.history, history))
+    writes.append(
+        (
+            statements.finish_event,
+            [_finish_params(f.event_id, f.outcome, f.error, f.order_id) for f in finishes],
+        )
+    )
     execute_all(conn, writes)
 
 
+def history_rows(order_id: str, event_id: str, changes: Iterable[Change]) -> list[dict[str, Any]]:
+    """The history rows of an event's changes to an order."""
+    return [
+        {
+            "order_id": order_id,
+            "event_id": event_id,
+            "entity": change.entity,
+            "entity_id": change.entity_id,
+            "from_state": change.from_state,
+            "to_state": change.to_state,
+        }
+        for change in changes
+    ]
+
+
 def _order_writes(
-    statements: _Statements,
-    before: OrderState,
-    after: OrderState,
-    changes: tuple[Change, ...],
-    event_id: str,
-) -> list[tuple[Any, Params]]:
+    statements: _Statements, before: OrderState, after: OrderState
+) -> list[tuple[Any, list[dict[str, Any]]]]:
     order_id = after.order_id
     chargeback = after.chargeback_event
-    writes: list[tuple[Any, Params]] = [
-        (
-            statements.save_order,
-            {
-                "order_id": order_id,
-                "new_currency": after.currency,
-                "new_chargeback_event_id": chargeback.id if chargeback else None,
-                "new_chargeback_event_time": chargeback.time if chargeback else None,
-                **_figure_values("dr_refunded", after.dr_refunded),
-                **_figure_values("dr_available", after.dr_available),
-                **_figure_values("dr_total", after.dr_total),
-            },
-        )
-    ]
+    order_row = {
+        "order_id": order_id,
+        "new_currency": after.currency,
+        "new_chargeback_event_id": chargeback.id if chargeback else None,
+        "new_chargeback_event_time": chargeback.time if chargeback else None,
+        **_figure_values("dr_refunded", after.dr_refunded),
+        **_figure_values("dr_available", after.dr_available),
+        **_figure_values("dr_total", after.dr_total),
+    }
     refund_rows = [
         {
             "order_id": order_id,
@@ -602,26 +697,12 @@ def _order_writes(
         for row in after.chargebacks.values()
         if before.chargebacks.get(row.id) != row
     ]
-    for statement, rows in (
+    return [
+        (statements.save_order, [order_row]),
         (statements.save_refund, refund_rows),
         (statements.save_entry, entry_rows),
         (statements.save_chargeback, chargeback_rows),
-    ):
-        if rows:
-            writes.append((statement, rows))
-    history = [
-        {
-            "order_id": order_id,
-            "event_id": event_id,
-            "entity": change.entity,
-            "entity_id": change.entity_id,
-            "from_state": change.from_state,
-            "to_state": change.to_state,
-        }
-        for change in changes
     ]
-    writes.append((statements.history, history))
-    return writes
 
 
 _RECORD_COLUMNS = (

@@ -47,6 +47,9 @@ TASK_TIME_LIMIT_S = 60
 # longest one must stay below the visibility timeout or the message would be run twice.
 MAX_RETRY_COUNTDOWN_S = 60
 
+# At most this many messages go to a pool process as one job (worker.batching).
+BATCH_LIMIT = 8
+
 REDIS_TRANSPORT_OPTIONS = {
     "visibility_timeout": VISIBILITY_TIMEOUT_S,
     "unacked_restore_interval": RESTORE_SCAN_S,
@@ -81,8 +84,9 @@ app.conf.update(
     # mid-task leaves its message to be delivered again.
     task_acks_late=True,
     task_reject_on_worker_lost=True,
-    # Hold one message per process at a time: a dead worker strands as few as possible.
-    worker_prefetch_multiplier=1,
+    # Messages held per pool process: a batch on its way and the next one waiting
+    # (worker.batching). A dead worker's are back after the visibility timeout.
+    worker_prefetch_multiplier=2 * BATCH_LIMIT,
     task_time_limit=TASK_TIME_LIMIT_S,
     # A task killed by that limit may have died inside the transaction that records its
     # event, leaving no trace: its message goes back on the queue (marked redelivered, so

@@ -1,4 +1,5 @@
-"""The worker's consumer: Celery's, with task events sent in batches.
+"""The worker's consumer: Celery's, with events.apply requests sent to the pool together
+(worker.batching) and task events sent in batches.
 
 Celery buffers task events (`task-received`, `-started`, `-succeeded`, ...) and publishes
 the buffer on the next turn of the event loop, which under load is one Redis round trip
@@ -11,9 +12,14 @@ task that much later; nothing else reads these events.
 from __future__ import annotations
 
 import time
+from contextlib import suppress
 from typing import Any
 
+from celery.exceptions import TaskRevokedError
 from celery.worker.consumer import Consumer as CeleryConsumer
+from celery.worker.request import Request
+
+from models.messages import APPLY_TASK
 
 # How long a task event may wait before it is published.
 EVENT_FLUSH_S = 0.1
@@ -22,6 +28,20 @@ EVENT_FLUSH_S = 0.1
 class Consumer(CeleryConsumer):  # type: ignore[misc]
     # When the scheduled flush is due (0: none is scheduled).
     _flush_due = 0.0
+
+    def __init__(self, on_task_request: Any, *args: Any, **kwargs: Any) -> None:
+        # Here, not at import: batching loads the worker's settings.
+        from worker import batching
+
+        def handle(request: Request) -> None:
+            if request.name != APPLY_TASK or not batching.applies(self.pool):
+                on_task_request(request)
+                return
+            # A revoked request was acknowledged and reported when it was found revoked.
+            with suppress(TaskRevokedError):
+                batching.submit(request, self.pool)
+
+        super().__init__(handle, *args, **kwargs)
 
     def on_send_event_buffered(self) -> None:
         if self.hub is None:

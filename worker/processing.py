@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
@@ -20,7 +21,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy import exc as sa_exc
 
 from models import store
-from models.db import autocommit, make_engine, transaction
+from models.db import autocommit, is_sqlite, make_engine, transaction
 from models.errors import InvalidEvent, PermanentError, TransientError
 from models.logs import bound
 from models.payloads import Envelope, Instant, as_utc, load_json
@@ -121,8 +122,55 @@ class Copy:
     redelivered: bool = False
 
 
+def copy_of(
+    delivery_info: dict[str, Any] | None,
+    body: str,
+    received_at: str,
+    source: str = "webhook",
+    counted: bool = False,
+) -> Copy:
+    """The copy an events.apply message carries: its delivery info and the task's arguments.
+
+    `counted` is set on retries of a copy already counted in `deliveries`.
+    """
+    redelivered = bool((delivery_info or {}).get("redelivered"))
+    return Copy(
+        body,
+        _parse_time(received_at),
+        source,
+        # A retry or a redelivery of this same message is not another copy from DR.
+        new_copy=not counted and not redelivered,
+        redelivered=redelivered,
+    )
+
+
+def _parse_time(value: str) -> datetime:
+    try:
+        return datetime.fromisoformat(value).astimezone(UTC)
+    except (TypeError, ValueError):
+        return datetime.now(UTC)
+
+
+# Why copies are handed back untried, while a pool job that ran out of time hands back the
+# rest of its messages (worker.batching).
+_deferred: str | None = None
+
+
+@contextmanager
+def deferring(reason: str) -> Iterator[None]:
+    """Within, `process` tries no copy: each is to be tried again later, for `reason`."""
+    global _deferred
+    _deferred = reason
+    try:
+        yield
+    finally:
+        _deferred = None
+
+
 def process(settings: Settings, copy: Copy) -> Result:
     """Apply one copy of an event. Raises TransientError when it should be tried again."""
+    if _deferred is not None:
+        raise TransientError(_deferred)
     try:
         data = load_json(copy.body)
         header = header_of(data)
@@ -241,6 +289,141 @@ def _record_and_apply(
     result = _db(run)
     _log_applied(result)
     return result
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A copy parsed and interpreted, ready to be applied together with others."""
+
+    index: int
+    copy: Copy
+    header: store.EventHeader
+    interpreted: tuple[Envelope, Plan | Ignore]
+    labels: dict[str, str]
+
+
+def process_together(
+    settings: Settings, copies: Sequence[tuple[Copy, dict[str, str]] | None]
+) -> list[Result | None]:
+    """Apply several copies in one transaction, each as `process` would; None for a copy
+    left to `process` alone (and for a None in `copies`).
+
+    Only first attempts at valid events take part, one copy per event id. The transaction
+    commits every one of them or none: whatever goes wrong, nothing is kept and all are
+    left to `process`, whose own transaction, retries and failure handling then apply to
+    each. `labels` are the copy's log fields (its task id).
+    """
+    ready: list[_Ready] = []
+    seen: set[str] = set()
+    db = engine(settings)
+    if is_sqlite(db):
+        # One writer at a time there anyway: nothing to gain.
+        return [None] * len(copies)
+    for index, item in enumerate(copies):
+        if item is None:
+            continue
+        copy, labels = item
+        if copy.redelivered:
+            continue  # its attempt must count on its own first (_process_copy)
+        try:
+            data = load_json(copy.body)
+            header = header_of(data)
+            interpreted = _interpret(settings, data)
+        except (ValueError, RecursionError, InvalidEvent):
+            continue  # recorded, or refused, with its reason by `process`
+        if header.id in seen:
+            continue  # a second copy in the same transaction would be applied twice
+        seen.add(header.id)
+        ready.append(_Ready(index, copy, header, interpreted, labels))
+    results: list[Result | None] = [None] * len(copies)
+    if len(ready) < 2:
+        return results
+    try:
+        applied = _db(lambda: _apply_together(db, settings, ready))
+    except Exception as exc:  # noqa: BLE001 - every copy is then processed on its own
+        # Only the kind of error: each copy's own attempt logs (and keeps) the details.
+        log.info(
+            "events.apply_together_failed",
+            extra={"events": len(ready), "error": type(exc).__name__},
+        )
+        return results
+    for done, result in zip(ready, applied, strict=True):
+        with bound(**done.labels, event_id=done.header.id, event_type=done.header.type):
+            _log_applied(result)
+        metrics.observe(
+            done.header.type,
+            result.outcome,
+            duplicate=result.duplicate,
+            received_at=done.copy.received_at,
+            created_time=done.header.created_time,
+        )
+        results[done.index] = result
+    return results
+
+
+def _apply_together(db: Engine, settings: Settings, ready: list[_Ready]) -> list[Result]:
+    # Event rows are locked in the order of their ids, then orders in the order of theirs
+    # (store.lock_orders), as a single copy locks its event row before its order: two
+    # transactions never wait on each other in a cycle.
+    by_id = sorted(ready, key=lambda item: item.header.id)
+    with transaction(db) as conn:
+        recorded = store.record_copies(
+            conn,
+            [
+                (
+                    item.header,
+                    (item.copy.body, item.copy.received_at, item.copy.source, item.copy.new_copy),
+                )
+                for item in by_id
+            ],
+        )
+        deliveries = {item.header.id: found for item, found in zip(by_id, recorded, strict=True)}
+        verdicts = [_verdict(settings, item.header, deliveries[item.header.id]) for item in ready]
+        order_ids = {
+            item.interpreted[1].order_id
+            for item, verdict in zip(ready, verdicts, strict=True)
+            if verdict is None and isinstance(item.interpreted[1], Plan)
+        }
+        before = store.lock_orders(conn, list(order_ids)) if order_ids else {}
+        states = dict(before)
+        changed: set[str] = set()
+        history: list[dict[str, Any]] = []
+        finishes: list[store.Finish] = []
+        results: list[Result] = []
+        for item, verdict in zip(ready, verdicts, strict=True):
+            event_id = item.header.id
+            envelope, plan = item.interpreted
+            if verdict is not None:
+                if verdict.outcome is Outcome.FAILED and not verdict.duplicate:
+                    error = (verdict.reason or "")[:2000]
+                    finishes.append(store.Finish(event_id, Outcome.FAILED, error=error))
+                results.append(verdict)
+            elif isinstance(plan, Ignore):
+                finishes.append(store.Finish(event_id, Outcome.IGNORED, error=plan.reason))
+                results.append(
+                    Result(event_id, Outcome.IGNORED, reason=plan.reason, event_type=envelope.type)
+                )
+            else:
+                # Events for one order apply one after the other, each to its predecessor's
+                # state, as they would in transactions of their own.
+                ref = EventRef(as_utc(envelope.createdTime), envelope.id)
+                decision = apply(states[plan.order_id], ref, plan)
+                states[plan.order_id] = decision.state
+                if decision.changes:
+                    changed.add(plan.order_id)
+                    history += store.history_rows(plan.order_id, event_id, decision.changes)
+                finishes.append(store.Finish(event_id, decision.outcome, order_id=plan.order_id))
+                results.append(
+                    Result(
+                        event_id,
+                        decision.outcome,
+                        changes=decision.changes,
+                        event_type=envelope.type,
+                        order_id=plan.order_id,
+                    )
+                )
+        store.save_all(conn, [(before[o], states[o]) for o in sorted(changed)], history, finishes)
+    return results
 
 
 def _process(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from typing import Any
 
 from celery import Task
@@ -59,15 +58,7 @@ def apply_event(
 def _apply_event(
     self: Task[Any, Any], body: str, received_at: str, source: str, counted: bool
 ) -> str:
-    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
-    copy = processing.Copy(
-        body,
-        _parse_time(received_at),
-        source,
-        # A retry or a redelivery of this same message is not another copy from DR.
-        new_copy=not counted and not redelivered,
-        redelivered=redelivered,
-    )
+    copy = processing.copy_of(self.request.delivery_info, body, received_at, source, counted)
     try:
         result = processing.process(settings, copy)
     except TransientError as exc:
@@ -143,10 +134,3 @@ def sweep_stuck_events() -> int:
 def reconcile_events() -> int:
     """Publish events DR's Events API has that were never applied (see worker.reconcile)."""
     return run_scheduled(settings, processing.engine(settings))
-
-
-def _parse_time(value: str) -> datetime:
-    try:
-        return datetime.fromisoformat(value).astimezone(UTC)
-    except (TypeError, ValueError):
-        return datetime.now(UTC)

@@ -1,8 +1,8 @@
 """Loaded into a test worker with `--include tests.faults.poison`.
 
 A refund whose reason is "poison-pill" kills the worker process in the middle of applying
-it, as a crash in native code would: inside the transaction that applies it, before the
-outcome is committed.
+it, as a crash in native code would: inside the transaction that applies it (alone or
+together with others), before the outcome is committed.
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ from typing import Any
 
 from worker import processing
 
-_apply_locked = processing._apply_locked
+# The rules' apply, as the unit of work calls it (both alone and together).
+_apply = vars(processing)["apply"]
 
 
-def _crash_on_poison(conn: Any, settings: Any, event_id: str, data: Any, **kwargs: Any) -> Any:
-    obj = data.get("data", {}).get("object", {}) if isinstance(data, dict) else {}
-    if isinstance(obj, dict) and obj.get("reason") == "poison-pill":
+def _crash_on_poison(state: Any, event: Any, plan: Any) -> Any:
+    refund = plan.refund
+    if refund is not None and refund.reason == "poison-pill":
         os.kill(os.getpid(), signal.SIGKILL)
-    return _apply_locked(conn, settings, event_id, data, **kwargs)
+    return _apply(state, event, plan)
 
 
-processing._apply_locked = _crash_on_poison
+vars(processing)["apply"] = _crash_on_poison

@@ -100,6 +100,11 @@ def _check(
     return result
 
 
+def _all_finished(rig: Rig, ids: list[str]) -> bool:
+    outcomes = support.outcomes(rig.engine, ids)
+    return len(outcomes) == len(ids) and all(o != "queued" for o in outcomes.values())
+
+
 def _pool_children(process: support.Process) -> list[int]:
     out = subprocess.run(
         ["pgrep", "-P", str(process.proc.pid)], capture_output=True, text=True, check=False
@@ -107,19 +112,19 @@ def _pool_children(process: support.Process) -> list[int]:
     return [int(pid) for pid in out.stdout.split()]
 
 
-def test_pool_processes_sigkilled_every_2_seconds(rig: Rig) -> None:
-    events = _events(1, 500, 10, "pk")
-    assert len(events) == 5000
+def test_pool_processes_sigkilled_every_half_second(rig: Rig) -> None:
+    # Enough events for a drain of well over 5 kills: each kill takes down the up to
+    # BATCH_LIMIT messages its process was applying together (worker.batching).
+    events = _events(1, 2000, 10, "pk")
+    assert len(events) == 20000
     support.publish_all(rig.redis.url, [json.dumps(e).encode() for e in events])
     worker = rig.worker("pk", 2)
     ids = [str(e["id"]) for e in events]
     kills = 0
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        time.sleep(2)
-        if all(o != "queued" for o in support.outcomes(rig.engine, ids).values()) and len(
-            support.outcomes(rig.engine, ids)
-        ) == len(ids):
+        time.sleep(0.5)
+        if _all_finished(rig, ids):
             break
         children = _pool_children(worker)
         if children:
@@ -127,7 +132,7 @@ def test_pool_processes_sigkilled_every_2_seconds(rig: Rig) -> None:
             kills += 1
     assert kills >= 5
     print(f"pool kills: {kills}")
-    _check(rig, events, "pool-sigkill-every-2s")
+    _check(rig, events, "pool-sigkill-every-0.5s")
 
 
 @pytest.mark.timeout(480)

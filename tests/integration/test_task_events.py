@@ -47,13 +47,8 @@ class EventTap(threading.Thread):
         self.pubsub.close()
 
 
-def _task_ids(tap: EventTap) -> set[str]:
-    return {
-        str(e["uuid"])
-        for _, events in tap.publishes
-        for e in events
-        if e["type"] == "task-succeeded"
-    }
+def _task_ids(tap: EventTap, kind: str = "task-succeeded") -> set[str]:
+    return {str(e["uuid"]) for _, events in tap.publishes for e in events if e["type"] == kind}
 
 
 def _wait(tap: EventTap, count: int) -> None:
@@ -88,6 +83,11 @@ def test_task_events_are_batched_and_complete(database: support.Database) -> Non
             if e["type"] == "task-received"
         )
         assert all(f"'{event['id']}', '{event['type']}'" in shown for event in events)
+        # Each task is reported received, started and succeeded, applied alone or together
+        # with others (worker.batching).
+        received = _task_ids(tap, "task-received")
+        assert len(received) == len(events)
+        assert _task_ids(tap, "task-started") == received == _task_ids(tap)
         # At most one publish per flush window, plus one per full buffer: one publish per
         # event loop turn (Celery's default) gives about one per task.
         times = [moment for moment, _ in tap.publishes]

@@ -26,5 +26,5 @@ def test_apply_tasks_are_acknowledged_only_once_finished() -> None:
         "acks_late": True,
         "acks_on_timeout": False,
         "reject_on_worker_lost": True,
-        "prefetch": 1,
+        "prefetch": 16,
     }

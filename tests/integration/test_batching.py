@@ -1,0 +1,197 @@
+"""A burst queued before a worker starts: its pool processes apply the events several to a
+transaction (worker.batching), with every outcome what it would be one event at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import uuid
+from collections import Counter
+from typing import Any
+
+import psycopg
+import redis as redis_client
+from sqlalchemy import text
+
+from tests import eventgen, support
+
+
+def _refund(order_id: str, amount: Any) -> dict[str, Any]:
+    return {
+        "id": str(uuid.uuid4()),
+        "type": "refund.pending",
+        "createdTime": "2024-05-14T10:00:00Z",
+        "liveMode": False,
+        "data": {
+            "object": {
+                "id": f"re_{uuid.uuid4()}",
+                "orderId": order_id,
+                "currency": "USD",
+                "amount": amount,
+                "state": "pending",
+            }
+        },
+    }
+
+
+def test_a_burst_is_applied_together_as_it_would_be_alone(database: support.Database) -> None:
+    rng = random.Random(11)
+    prefix = f"bt-{uuid.uuid4().hex[:8]}"
+    valid = [event for n in range(40) for event in eventgen.order_history(rng, f"{prefix}-{n}", 10)]
+    invalid = _refund(f"{prefix}-invalid", "not a number")
+    unhandled = {**_refund(f"{prefix}-other", 1), "type": "order.accepted"}
+    # Postgres refuses the payload itself: the transaction it shares with others fails,
+    # and each of them is then applied on its own.
+    refused = _refund(f"{prefix}-nul", 1)
+    refused["data"]["object"]["reason"] = "nul \u0000 here"
+    twice = valid[::37]
+    bodies: list[bytes] = []
+    for n, event in enumerate(valid):
+        bodies.append(json.dumps(event).encode())
+        if event in twice:
+            # A second copy right behind the first: in the same batch, as often as not.
+            bodies.append(json.dumps(event).encode())
+        if n == 100:
+            bodies += [json.dumps(e).encode() for e in (invalid, unhandled, refused)]
+
+    redis = support.RedisServer().start()
+    engine = support.engine_for(database.url)
+    worker: support.Process | None = None
+    try:
+        env = support.service_env(database.url, redis.url)
+        batch_limit = support.python_json("from worker.app import BATCH_LIMIT as b; print(b)", env)
+        support.publish_all(redis.url, bodies)
+        worker = support.start_worker(env, "bt", 2)
+        special = [invalid["id"], unhandled["id"], refused["id"]]
+        ids = [str(event["id"]) for event in valid]
+        outcomes = support.wait_finished(engine, ids + special, timeout=120)
+
+        assert {outcomes[i] for i in ids} <= {"applied", "stale", "ignored"}
+        assert outcomes[invalid["id"]] == "failed"
+        assert outcomes[unhandled["id"]] == "ignored"
+        assert outcomes[refused["id"]] == "failed"
+        tally = support.tally(engine, ids)
+        assert (tally.lost, tally.doubled, tally.failed) == (0, 0, 0)
+        assert tally.suppressed == len(twice)
+        expected = eventgen.expected_summaries(valid)
+        assert support.summaries(engine, list(expected)) == expected
+
+        with engine.connect() as conn:
+            # Rows written by one transaction share its id (xmin).
+            per_transaction = Counter(
+                row.xid
+                for row in conn.execute(
+                    text("SELECT xmin::text AS xid FROM webhook_events WHERE id = ANY(:ids)"),
+                    {"ids": ids},
+                )
+            )
+            errors: dict[str, str] = {
+                row.id: row.error
+                for row in conn.execute(
+                    text("SELECT id, error FROM webhook_events WHERE id = ANY(:ids)"),
+                    {"ids": [invalid["id"], refused["id"]]},
+                )
+            }
+        assert max(per_transaction.values()) > 1, "no two events shared a transaction"
+        assert max(per_transaction.values()) <= batch_limit
+        assert len(per_transaction) < len(ids) / 2
+        assert "amount" in errors[invalid["id"]]
+        assert errors[refused["id"]]
+    finally:
+        if worker is not None:
+            worker.stop()
+        engine.dispose()
+        redis.cleanup()
+
+
+def test_a_warm_shutdown_mid_burst_leaves_every_waiting_message_on_the_queue(
+    database: support.Database,
+) -> None:
+    rng = random.Random(12)
+    prefix = f"bs-{uuid.uuid4().hex[:8]}"
+    events = [
+        event for n in range(300) for event in eventgen.order_history(rng, f"{prefix}-{n}", 10)
+    ]
+    ids = [str(event["id"]) for event in events]
+    redis = support.RedisServer().start()
+    engine = support.engine_for(database.url)
+    worker: support.Process | None = None
+    try:
+        env = support.service_env(database.url, redis.url)
+        support.publish_all(redis.url, [json.dumps(event).encode() for event in events])
+        worker = support.start_worker(env, "bs1", 2)
+        support.wait_for(
+            lambda: len(support.outcomes(engine, ids)) >= 200, timeout=60, what="progress"
+        )
+        # Celery's warm shutdown: the jobs in the pool finish, and the messages held for
+        # later, those waiting to go to the pool together included, go back to the queue.
+        os.kill(worker.proc.pid, signal.SIGTERM)
+        worker.proc.wait(timeout=60)
+        worker.stop()
+        assert int(redis.cli("HLEN", "unacked")) == 0
+        finished = {i for i, o in support.outcomes(engine, ids).items() if o != "queued"}
+        assert len(finished) < len(ids), "the burst drained before the shutdown"
+        assert finished | _queued_ids(redis) == set(ids)
+
+        worker = support.start_worker(env, "bs2", 2)
+        # Well inside the visibility timeout: nothing waits for it to come back.
+        support.wait_finished(engine, ids, timeout=60)
+        tally = support.tally(engine, ids)
+        assert (tally.lost, tally.doubled, tally.failed) == (0, 0, 0)
+        expected = eventgen.expected_summaries(events)
+        assert support.summaries(engine, list(expected)) == expected
+    finally:
+        if worker is not None:
+            worker.stop()
+        engine.dispose()
+        redis.cleanup()
+
+
+def _queued_ids(redis: support.RedisServer) -> set[str]:
+    """The event ids of the messages on the queue (the task's labels carry them)."""
+    client = redis_client.Redis.from_url(redis.url)
+    try:
+        found = set()
+        for raw in client.lrange("refundsync", 0, -1):
+            headers = json.loads(raw)["headers"]
+            found.add(str(headers["argsrepr"]).split("'")[1])
+        return found
+    finally:
+        client.close()
+
+
+def test_a_job_past_its_budget_hands_back_the_rest_untried(database: support.Database) -> None:
+    # Every order is locked away: the transaction together times out on its lock, and so
+    # does each message tried alone afterwards, until the job's budget for them is spent.
+    rng = random.Random(13)
+    prefix = f"bd-{uuid.uuid4().hex[:8]}"
+    events = eventgen.order_history(rng, f"{prefix}-0", 9)[:9]
+    ids = [str(event["id"]) for event in events]
+    redis = support.RedisServer().start()
+    engine = support.engine_for(database.url)
+    worker: support.Process | None = None
+    try:
+        env = support.service_env(database.url, redis.url)
+        support.publish_all(redis.url, [json.dumps(event).encode() for event in events])
+        with psycopg.connect(database.url) as blocker:
+            blocker.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
+            worker = support.start_worker(env, "bd", 1)
+            worker.wait_for_log("not tried: the messages sent with it took too long", 90)
+        tries = support.wait_finished(engine, ids, timeout=120)
+        assert set(tries.values()) <= {"applied", "stale", "ignored"}
+        with engine.connect() as conn:
+            lost = conn.execute(
+                text("SELECT sum(lost_attempts) FROM webhook_events WHERE id = ANY(:ids)"),
+                {"ids": ids},
+            ).scalar_one()
+        # No job was killed at its time limit.
+        assert lost == 0
+        expected = eventgen.expected_summaries(events)
+        assert support.summaries(engine, list(expected)) == expected
+    finally:
+        if worker is not None:
+            worker.stop()
+        engine.dispose()
+        redis.cleanup()

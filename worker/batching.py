@@ -1,0 +1,234 @@
+"""events.apply messages sent to the pool together, and applied in one transaction.
+
+Every message stays a task of its own. Celery receives and reserves it, reports it to
+monitors, acknowledges it once its outcome is committed, retries it or puts it back, all
+through its own Request, exactly as for a message sent to the pool alone. Only the trip to
+the pool differs: messages that arrive while every pool process is busy wait here, and go
+as one job (at most BATCH_LIMIT of them) to the next process that is free. The job applies
+them in one transaction (processing.process_together); any it leaves, and all of them if
+that transaction fails, run as the task itself, one by one.
+
+When a process is free a message goes at once, alone: batches form only under load, where
+they spare each event its own pool round trip, Postgres transaction and commit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from time import monotonic
+from typing import Any
+from weakref import ref
+
+from billiard.einfo import ExceptionInfo
+from celery.app.trace import fast_trace_task, trace_task_ret
+from celery.concurrency.prefork import TaskPool
+from celery.exceptions import TaskRevokedError
+from celery.utils.saferepr import saferepr
+from celery.worker.request import Request
+from kombu.serialization import loads, prepare_accept_content
+
+from worker import processing
+from worker.app import BATCH_LIMIT, TASK_TIME_LIMIT_S, app, settings
+
+log = logging.getLogger("refundsync.worker")
+
+# A job starts running messages one by one (after their transaction together failed)
+# only this long after it started; each is bounded well inside the rest of the time limit.
+ALONE_BUDGET_S = TASK_TIME_LIMIT_S / 3
+
+# What the pool process runs for one message: Celery's own arguments for its tracer.
+Job = tuple[str, str, dict[str, Any], Any, str | None, str | None]
+# What the tracer returns for one message: (failed, result or exception info, runtime).
+Traced = tuple[int, Any, float]
+
+
+def applies(pool: Any) -> bool:
+    """Whether messages sent to this pool go through a Batcher (prefork pools only)."""
+    return isinstance(pool, TaskPool)
+
+
+def submit(request: Request, pool: TaskPool) -> None:
+    """Send a request to the pool, with others that wait for a free process."""
+    batcher: Batcher | None = getattr(pool, "_refundsync_batcher", None)
+    if batcher is None:
+        batcher = Batcher(pool)
+        pool._refundsync_batcher = batcher
+    batcher.submit(request)
+
+
+class Batcher:
+    """A worker main process's requests on their way to its pool.
+
+    Runs in the worker's event loop only (message handlers, timers and pool callbacks all
+    do), so it needs no lock.
+    """
+
+    def __init__(self, pool: TaskPool) -> None:
+        self.pool = pool
+        self.waiting: list[Request] = []
+        # Jobs sent and not finished yet.
+        self.busy = 0
+
+    def submit(self, request: Request) -> None:
+        if request.revoked():
+            raise TaskRevokedError(request.id)
+        self.waiting.append(request)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self.waiting and self.busy < max(self.pool.num_processes, 1):
+            batch = self._next_batch()
+            # Revoked while waiting: Celery acknowledges and reports those itself.
+            batch = [request for request in batch if not request.revoked()]
+            if batch:
+                self._send(batch)
+
+    def _next_batch(self) -> list[Request]:
+        # A message that comes back unacknowledged goes alone: if it is what killed its
+        # pool process, it must not take others down with it again, and have their
+        # attempts counted against them until they are quarantined.
+        size = 0
+        for request in self.waiting[:BATCH_LIMIT]:
+            if _redelivered(request):
+                size = size or 1
+                break
+            size += 1
+        batch = self.waiting[:size]
+        del self.waiting[:size]
+        return batch
+
+    def _send(self, batch: list[Request]) -> None:
+        self.busy += 1
+        finished = False
+
+        def each(call: Callable[[Request], Any]) -> None:
+            for request in batch:
+                try:
+                    call(request)
+                except Exception:
+                    # One request's trouble (Celery logs its own) must not keep the
+                    # others from being acknowledged or put back.
+                    log.exception("batch.request_callback_failed", extra={"task_id": request.id})
+
+        def done() -> None:
+            nonlocal finished
+            if not finished:
+                finished = True
+                self.busy -= 1
+                self._dispatch()
+
+        def on_accepted(pid: int, time_accepted: float) -> None:
+            each(lambda request: request.on_accepted(pid, time_accepted))
+
+        def on_return(results: list[Traced]) -> None:
+            try:
+                outcomes = iter(results)
+                each(lambda request: request.on_success(next(outcomes)))
+            finally:
+                done()
+
+        def on_error(exc_info: ExceptionInfo) -> None:
+            # The job itself failed: its process died or was killed at the time limit.
+            # Each request then does what Celery does for a task that did (put back).
+            try:
+                each(lambda request: request.on_failure(exc_info))
+            finally:
+                done()
+
+        def on_timeout(soft: bool, timeout: float) -> None:
+            each(lambda request: request.on_timeout(soft, timeout))
+
+        first = batch[0]
+        time_limit, soft_time_limit = first.time_limits
+        result = self.pool.apply_async(
+            run_batch,
+            args=([job_of(request) for request in batch],),
+            accept_callback=on_accepted,
+            timeout_callback=on_timeout,
+            callback=on_return,
+            error_callback=on_error,
+            soft_timeout=soft_time_limit or first.task.soft_time_limit,
+            timeout=time_limit or first.task.time_limit,
+            correlation_id=first.id,
+        )
+        # What Celery cancels or terminates a request through.
+        weak = ref(result) if result is not None else None
+        for request in batch:
+            request._apply_result = weak
+
+
+def _redelivered(request: Request) -> bool:
+    return bool((request.delivery_info or {}).get("redelivered"))
+
+
+def job_of(request: Request) -> Job:
+    """What Celery itself would send to the pool for this request."""
+    return (
+        request.type,
+        request.id,
+        request.request_dict,
+        request.body,
+        request.content_type,
+        request.content_encoding,
+    )
+
+
+_accept: set[str] | None = None
+
+
+def run_batch(jobs: list[Job]) -> list[Traced]:
+    """In a pool process: apply the messages' events together, and run as the task itself
+    every one that could not be; one traced result per message, in order."""
+    started = monotonic()
+    try:
+        results = processing.process_together(settings, [_copy(job) for job in jobs])
+    except Exception:
+        # Nothing is lost: every message then runs as the task itself.
+        log.exception("batch.failed")
+        results = [None] * len(jobs)
+    together = sum(result is not None for result in results)
+    runtime = (monotonic() - started) / max(together, 1)
+    traced: list[Traced] = []
+    for job, result in zip(jobs, results, strict=True):
+        if result is not None:
+            outcome = result.outcome.value if result.outcome else "unrecordable"
+            traced.append((0, saferepr(outcome), runtime))
+        elif monotonic() - started < ALONE_BUDGET_S:
+            traced.append(_trace(job))
+        else:
+            # Tried again later: a job past its time limit would be killed, and every one of
+            # its messages counted as an attempt that died with its worker.
+            with processing.deferring("not tried: the messages sent with it took too long"):
+                traced.append(_trace(job))
+    return traced
+
+
+def _trace(job: Job) -> Traced:
+    """Run the task itself for one message, as Celery does for a message sent alone."""
+    trace = fast_trace_task if app.use_fast_trace_task else trace_task_ret
+    try:
+        traced: Traced = trace(*job)
+    except Exception:  # noqa: BLE001
+        # As Celery reports a tracer that fails for a message sent alone.
+        return (1, ExceptionInfo(), 0.0)
+    return traced
+
+
+def _copy(job: Job) -> tuple[processing.Copy, dict[str, str]] | None:
+    """The event copy a message carries, with its log labels; None if it is not one."""
+    global _accept
+    _, task_id, request, body, content_type, content_encoding = job
+    if _accept is None:
+        _accept = prepare_accept_content(app.conf.accept_content)  # type: ignore[no-untyped-call]
+    try:
+        if content_type:
+            args, kwargs, _ = loads(  # type: ignore[no-untyped-call]
+                body, content_type, content_encoding, accept=_accept
+            )
+        else:
+            args, kwargs, _ = body
+        copy = processing.copy_of(request.get("delivery_info"), *args, **kwargs)
+    except Exception:  # noqa: BLE001 - the task itself meets (and reports) the same
+        return None
+    return copy, {"task_id": task_id}
