@@ -1,6 +1,6 @@
 """Where a drain's CPU goes: CPU per event of each process, refundsync against Celery's no-op.
 
-    .venv/bin/python -m bench.cpu [--concurrency 2] [--events 20000] [--window 15] [--runs 3]
+    .venv/bin/python -m bench.cpu [--concurrency 2] [--events 60000] [--window 15] [--runs 3]
 
 Events are preloaded as in benchmark 2; once the worker has drained for a few seconds, the
 CPU time (user + system, from /proc) of its main process, its pool processes, every
@@ -100,7 +100,7 @@ def _window(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--events", type=int, default=60_000)
     parser.add_argument("--orders", type=int, default=2_000)
     parser.add_argument("--window", type=float, default=15.0)
     parser.add_argument("--runs", type=int, default=3)

@@ -309,13 +309,15 @@ def main() -> None:
     for w in (1, 2):
         ours, noop = medians[f"refundsync W={w}"], medians[f"celery no-op W={w}"]
         pgbench = medians[f"pgbench apply W={w}"]
-        # What a worker with no cost of its own beyond Celery's and the SQL's could reach
-        # while both share these cores (docs/benchmarks.md).
+        # What a worker with no cost of its own beyond Celery's and one transaction per
+        # event could reach while both share these cores (docs/benchmarks.md); events
+        # applied together pay less than that transaction each.
         bound = 1 / (1 / noop + 1 / pgbench)
         print(
             f"W={w}: refundsync / celery no-op = {ours / noop:.2f},"
             f" refundsync / pgbench = {ours / pgbench:.2f},"
-            f" shared-cores bound {bound:.0f} events/s ({bound / noop:.2f} x no-op;"
+            f" shared-cores bound of a transaction per event {bound:.0f} events/s"
+            f" ({bound / noop:.2f} x no-op;"
             f" refundsync at {ours / bound:.2f} of it),"
             f" peak RSS of one worker process {peaks[w] / 1024:.0f} MiB"
         )

@@ -141,17 +141,24 @@ class Batcher:
 
         first = batch[0]
         time_limit, soft_time_limit = first.time_limits
-        result = self.pool.apply_async(
-            run_batch,
-            args=([job_of(request) for request in batch],),
-            accept_callback=on_accepted,
-            timeout_callback=on_timeout,
-            callback=on_return,
-            error_callback=on_error,
-            soft_timeout=soft_time_limit or first.task.soft_time_limit,
-            timeout=time_limit or first.task.time_limit,
-            correlation_id=first.id,
-        )
+        try:
+            result = self.pool.apply_async(
+                run_batch,
+                args=([job_of(request) for request in batch],),
+                accept_callback=on_accepted,
+                timeout_callback=on_timeout,
+                callback=on_return,
+                error_callback=on_error,
+                soft_timeout=soft_time_limit or first.task.soft_time_limit,
+                timeout=time_limit or first.task.time_limit,
+                correlation_id=first.id,
+            )
+        except BaseException:
+            # Not sent (a pool shutting down): the messages stay unacknowledged, and go
+            # back to the queue with the worker's connection.
+            finished = True
+            self.busy -= 1
+            raise
         # What Celery cancels or terminates a request through.
         weak = ref(result) if result is not None else None
         for request in batch:
