@@ -23,3 +23,7 @@ class TransientError(RefundSyncError):
     event_id: str = ""
     # Whether this copy of the event was already counted in `deliveries` before it failed.
     counted: bool = False
+
+
+class Deferred(TransientError):
+    """Not tried at all, to be tried later: no retry is counted against the event."""

@@ -85,8 +85,9 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     # Messages held per pool process: a batch on its way and the next one waiting
-    # (worker.batching). A dead worker's are back after the visibility timeout.
-    worker_prefetch_multiplier=2 * BATCH_LIMIT,
+    # (worker.batching). A dead worker's are back after the visibility timeout. The
+    # standalone mode applies one message at a time.
+    worker_prefetch_multiplier=1 if STANDALONE else 2 * BATCH_LIMIT,
     task_time_limit=TASK_TIME_LIMIT_S,
     # A task killed by that limit may have died inside the transaction that records its
     # event, leaving no trace: its message goes back on the queue (marked redelivered, so

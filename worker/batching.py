@@ -21,15 +21,18 @@ from typing import Any
 from weakref import ref
 
 from billiard.einfo import ExceptionInfo
+from billiard.exceptions import Terminated
 from celery.app.trace import fast_trace_task, trace_task_ret
 from celery.concurrency.prefork import TaskPool
 from celery.exceptions import TaskRevokedError
 from celery.utils.saferepr import saferepr
 from celery.worker.request import Request
+from celery.worker.state import revoked
 from kombu.serialization import loads, prepare_accept_content
+from kombu.utils.uuid import uuid
 
 from worker import processing
-from worker.app import BATCH_LIMIT, TASK_TIME_LIMIT_S, app, settings
+from worker.app import BATCH_LIMIT, STANDALONE, TASK_TIME_LIMIT_S, app, settings
 
 log = logging.getLogger("refundsync.worker")
 
@@ -44,8 +47,9 @@ Traced = tuple[int, Any, float]
 
 
 def applies(pool: Any) -> bool:
-    """Whether messages sent to this pool go through a Batcher (prefork pools only)."""
-    return isinstance(pool, TaskPool)
+    """Whether messages sent to this pool go through a Batcher: prefork pools, except in
+    the standalone mode (one process on SQLite, where nothing is applied together)."""
+    return isinstance(pool, TaskPool) and not STANDALONE
 
 
 def submit(request: Request, pool: TaskPool) -> None:
@@ -55,6 +59,14 @@ def submit(request: Request, pool: TaskPool) -> None:
         batcher = Batcher(pool)
         pool._refundsync_batcher = batcher
     batcher.submit(request)
+
+
+def forget_waiting(pool: Any) -> None:
+    """Drop the requests waiting for a pool process, when the broker connection they came
+    on is gone: they could not be acknowledged on it, and the broker delivers them again."""
+    batcher: Batcher | None = getattr(pool, "_refundsync_batcher", None)
+    if batcher is not None:
+        batcher.waiting.clear()
 
 
 class Batcher:
@@ -67,8 +79,10 @@ class Batcher:
     def __init__(self, pool: TaskPool) -> None:
         self.pool = pool
         self.waiting: list[Request] = []
-        # Jobs sent and not finished yet.
-        self.busy = 0
+        # Jobs sent and not finished yet. Counted from the pool's own state each time, not
+        # by callbacks: a job the pool discards unstarted (after a broker connection loss)
+        # calls none.
+        self.jobs: list[Any] = []
 
     def submit(self, request: Request) -> None:
         if request.revoked():
@@ -76,8 +90,12 @@ class Batcher:
         self.waiting.append(request)
         self._dispatch()
 
+    def _busy(self) -> int:
+        self.jobs = [job for job in self.jobs if not job.ready() and job._job in job._cache]
+        return len(self.jobs)
+
     def _dispatch(self) -> None:
-        while self.waiting and self.busy < max(self.pool.num_processes, 1):
+        while self.waiting and self._busy() < max(self.pool.num_processes, 1):
             batch = self._next_batch()
             # Revoked while waiting: Celery acknowledges and reports those itself.
             batch = [request for request in batch if not request.revoked()]
@@ -99,9 +117,6 @@ class Batcher:
         return batch
 
     def _send(self, batch: list[Request]) -> None:
-        self.busy += 1
-        finished = False
-
         def each(call: Callable[[Request], Any]) -> None:
             for request in batch:
                 try:
@@ -111,56 +126,58 @@ class Batcher:
                     # others from being acknowledged or put back.
                     log.exception("batch.request_callback_failed", extra={"task_id": request.id})
 
-        def done() -> None:
-            nonlocal finished
-            if not finished:
-                finished = True
-                self.busy -= 1
-                self._dispatch()
-
         def on_accepted(pid: int, time_accepted: float) -> None:
             each(lambda request: request.on_accepted(pid, time_accepted))
 
         def on_return(results: list[Traced]) -> None:
-            try:
-                outcomes = iter(results)
-                each(lambda request: request.on_success(next(outcomes)))
-            finally:
-                done()
+            outcomes = iter(results)
+            each(lambda request: request.on_success(next(outcomes)))
+            self._dispatch()
 
         def on_error(exc_info: ExceptionInfo) -> None:
-            # The job itself failed: its process died or was killed at the time limit.
-            # Each request then does what Celery does for a task that did (put back).
-            try:
+            # The job itself failed: its process died or was killed at the time limit, and
+            # each request does what Celery does for a task that did (goes back on the
+            # queue). Terminated is the exception: revoking one request with terminate
+            # kills the job of all, and Celery would take each for revoked (acknowledged),
+            # so those not revoked themselves go back on the queue.
+            exc = getattr(exc_info.exception, "exc", exc_info.exception)
+            if isinstance(exc, Terminated):
+                each(
+                    lambda request: (
+                        request.on_failure(exc_info)
+                        if request.id in revoked
+                        else request.reject(requeue=True)
+                    )
+                )
+            else:
                 each(lambda request: request.on_failure(exc_info))
-            finally:
-                done()
+            self._dispatch()
 
         def on_timeout(soft: bool, timeout: float) -> None:
             each(lambda request: request.on_timeout(soft, timeout))
 
         first = batch[0]
         time_limit, soft_time_limit = first.time_limits
-        try:
-            result = self.pool.apply_async(
-                run_batch,
-                args=([job_of(request) for request in batch],),
-                accept_callback=on_accepted,
-                timeout_callback=on_timeout,
-                callback=on_return,
-                error_callback=on_error,
-                soft_timeout=soft_time_limit or first.task.soft_time_limit,
-                timeout=time_limit or first.task.time_limit,
-                correlation_id=first.id,
-            )
-        except BaseException:
+        job = self.pool.apply_async(
+            run_batch,
+            args=([job_of(request) for request in batch],),
+            accept_callback=on_accepted,
+            timeout_callback=on_timeout,
+            callback=on_return,
+            error_callback=on_error,
+            soft_timeout=soft_time_limit or first.task.soft_time_limit,
+            timeout=time_limit or first.task.time_limit,
+            # Not a request's id: the pool terminates a job whose id is revoked, and that
+            # is for Celery to do to the requests it means.
+            correlation_id=uuid(),
+        )
+        if job is None:
             # Not sent (a pool shutting down): the messages stay unacknowledged, and go
             # back to the queue with the worker's connection.
-            finished = True
-            self.busy -= 1
-            raise
+            return
+        self.jobs.append(job)
         # What Celery cancels or terminates a request through.
-        weak = ref(result) if result is not None else None
+        weak = ref(job)
         for request in batch:
             request._apply_result = weak
 

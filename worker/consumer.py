@@ -58,6 +58,13 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
         self._flush_due = 0.0
         self._flush_events()
 
+    def on_close(self) -> None:
+        # As Celery drops its reserved requests with the connection they came on.
+        from worker import batching
+
+        batching.forget_waiting(self.pool)
+        super().on_close()
+
     def shutdown(self, *args: Any, **kwargs: Any) -> None:
         # The last events of a stopping worker are not left in the buffer.
         if self._flush_due:

@@ -22,7 +22,7 @@ from sqlalchemy import exc as sa_exc
 
 from models import store
 from models.db import autocommit, is_sqlite, make_engine, transaction
-from models.errors import InvalidEvent, PermanentError, TransientError
+from models.errors import Deferred, InvalidEvent, PermanentError, TransientError
 from models.logs import bound
 from models.payloads import Envelope, Instant, as_utc, load_json
 from models.rules import (
@@ -170,7 +170,7 @@ def deferring(reason: str) -> Iterator[None]:
 def process(settings: Settings, copy: Copy) -> Result:
     """Apply one copy of an event. Raises TransientError when it should be tried again."""
     if _deferred is not None:
-        raise TransientError(_deferred)
+        raise Deferred(_deferred)
     try:
         data = load_json(copy.body)
         header = header_of(data)

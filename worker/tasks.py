@@ -6,13 +6,13 @@ import logging
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Reject
+from celery.exceptions import Reject, Retry
 from celery.utils.time import get_exponential_backoff_interval
 from celery.worker.request import Request
 
 from models import store
 from models.db import transaction
-from models.errors import TransientError
+from models.errors import Deferred, TransientError
 from models.logs import bound
 from models.messages import APPLY_TASK, RECONCILE_TASK, SWEEP_TASK
 from worker import processing
@@ -61,6 +61,8 @@ def _apply_event(
     copy = processing.copy_of(self.request.delivery_info, body, received_at, source, counted)
     try:
         result = processing.process(settings, copy)
+    except Deferred as exc:
+        return _defer(self, exc, counted=counted)
     except TransientError as exc:
         return _retry(self, exc, counted=counted or exc.counted, event_id=exc.event_id)
     except Exception as exc:
@@ -69,6 +71,27 @@ def _apply_event(
         log.exception("event.unexpected_error")
         return _retry(self, exc, counted=counted, event_id=processing.event_id_of(body))
     return result.outcome.value if result.outcome else "unrecordable"
+
+
+def _defer(task: Task[Any, Any], exc: Deferred, *, counted: bool) -> str:
+    """Queue this message again untried, its retries as they were (Celery's retry would
+    count one more, and back off as for a failure)."""
+    request = task.request
+    log.info("event.deferred", extra={"reason": str(exc)})
+    again = task.signature_from_request(
+        request,
+        None,
+        {"counted": counted},
+        retries=request.retries,
+        argsrepr=request.argsrepr,
+        kwargsrepr=request.kwargsrepr,
+    )
+    try:
+        again.apply_async()
+    except Exception as publish_failed:  # noqa: BLE001 - whatever stopped the publish
+        # Put this very message back instead, as for a retry that could not be published.
+        raise Reject(str(publish_failed), requeue=True) from exc
+    raise Retry(exc=exc, when=0, sig=again)
 
 
 def _retry(task: Task[Any, Any], exc: Exception, *, counted: bool, event_id: str | None) -> str:

@@ -16,6 +16,7 @@ import redis as redis_client
 from sqlalchemy import text
 
 from tests import eventgen, support
+from tests.integration.test_task_events import EventTap
 
 
 def _refund(order_id: str, amount: Any) -> dict[str, Any]:
@@ -170,6 +171,8 @@ def test_a_job_past_its_budget_hands_back_the_rest_untried(database: support.Dat
     events = eventgen.order_history(rng, f"{prefix}-0", 9)[:9]
     ids = [str(event["id"]) for event in events]
     redis = support.RedisServer().start()
+    tap = EventTap(redis.url)
+    tap.start()
     engine = support.engine_for(database.url)
     worker: support.Process | None = None
     try:
@@ -180,6 +183,14 @@ def test_a_job_past_its_budget_hands_back_the_rest_untried(database: support.Dat
             worker = support.start_worker(env, "bd", 1)
             worker.wait_for_log("not tried: the messages sent with it took too long", 90)
         tries = support.wait_finished(engine, ids, timeout=120)
+        # A message handed back untried comes again under its task id with its retries
+        # as they were: a deferral spends none of the event's retry budget.
+        received: dict[str, list[int]] = {}
+        for _, batch in tap.publishes:
+            for event in batch:
+                if event["type"] == "task-received":
+                    received.setdefault(str(event["uuid"]), []).append(int(event["retries"]))
+        assert any(retries[:2] == [0, 0] for retries in received.values()), received
         assert set(tries.values()) <= {"applied", "stale", "ignored"}
         with engine.connect() as conn:
             lost = conn.execute(
@@ -193,5 +204,75 @@ def test_a_job_past_its_budget_hands_back_the_rest_untried(database: support.Dat
     finally:
         if worker is not None:
             worker.stop()
+        tap.stop()
         engine.dispose()
         redis.cleanup()
+
+
+_ACTIVE = """
+import json
+from worker.app import app
+found = app.control.inspect(timeout=2).active() or {}
+print(json.dumps([task["id"] for tasks in found.values() for task in tasks]))
+"""
+
+_TERMINATE = """
+import json, sys
+from worker.app import app
+app.control.revoke(sys.argv[1], terminate=True)
+print(json.dumps(True))
+"""
+
+
+def test_terminating_one_task_puts_the_others_of_its_job_back(database: support.Database) -> None:
+    # Revoking a task with terminate kills the pool process running it, and with it the
+    # job it shares with others; those others must go back on the queue, not be taken for
+    # revoked too (acknowledged, and their events lost).
+    rng = random.Random(14)
+    prefix = f"bk-{uuid.uuid4().hex[:8]}"
+    events = [event for n in range(4) for event in eventgen.order_history(rng, f"{prefix}-{n}", 8)]
+    ids = [str(event["id"]) for event in events]
+    redis = support.RedisServer().start()
+    engine = support.engine_for(database.url)
+    worker: support.Process | None = None
+    try:
+        env = support.service_env(database.url, redis.url)
+        support.publish_all(redis.url, [json.dumps(event).encode() for event in events])
+        with psycopg.connect(database.url) as blocker:
+            # Every job waits on the orders, long enough to be caught running.
+            blocker.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
+            worker = support.start_worker(env, "bk", 1)
+            active: list[str] = []
+
+            def together() -> bool:
+                active[:] = support.python_json(_ACTIVE, env)
+                return len(active) > 1
+
+            support.wait_for(together, timeout=30, what="a job of several tasks running")
+            victim = active[0]
+            assert support.python_json(_TERMINATE.replace("sys.argv[1]", repr(victim)), env)
+            # The job's process is gone: no task of the job is running any more.
+            support.wait_for(
+                lambda: victim not in support.python_json(_ACTIVE, env),
+                timeout=30,
+                what="the job terminated",
+            )
+
+        # Only the terminated task's event is missing: it was revoked, as asked.
+        def all_but_one() -> bool:
+            return len(_finished(engine, ids)) >= len(ids) - 1
+
+        support.wait_for(all_but_one, timeout=120, what="every other event finished")
+        finished = _finished(engine, ids)
+        assert len(finished) == len(ids) - 1
+        tally = support.tally(engine, finished)
+        assert (tally.lost, tally.doubled, tally.failed) == (0, 0, 0)
+    finally:
+        if worker is not None:
+            worker.stop()
+        engine.dispose()
+        redis.cleanup()
+
+
+def _finished(engine: Any, ids: list[str]) -> list[str]:
+    return [i for i, outcome in support.outcomes(engine, ids).items() if outcome != "queued"]
