@@ -61,6 +61,40 @@ def submit(request: Request, pool: TaskPool) -> None:
     batcher.submit(request)
 
 
+def hand_back_waiting(pool: Any) -> None:
+    """When the worker stops consuming: queue the requests still waiting for a pool process
+    again, as new messages, and acknowledge theirs.
+
+    Left to the broker, each would come back marked redelivered, and be counted as an
+    attempt that died with its worker though it never started. One whose message cannot be
+    queued again is left to the broker so.
+    """
+    batcher: Batcher | None = getattr(pool, "_refundsync_batcher", None)
+    if batcher is None:
+        return
+    waiting, batcher.waiting = batcher.waiting, []
+    for request in waiting:
+        try:
+            args, kwargs = _arguments(request.body, request.content_type, request.content_encoding)
+            app.send_task(
+                request.name,
+                args=args,
+                kwargs=kwargs,
+                task_id=request.id,
+                queue=(request.delivery_info or {}).get("routing_key") or settings.queue,
+                argsrepr=request.argsrepr,
+                kwargsrepr=request.kwargsrepr,
+                retries=request.request_dict.get("retries", 0),
+            )
+            # At once, not on the next turn of an event loop that is stopping.
+            request.message.ack()
+            request.acknowledged = True
+        except Exception:  # noqa: BLE001 - then the broker brings it back, as it would
+            log.warning("batch.hand_back_failed", extra={"task_id": request.id})
+    if waiting:
+        log.info("batch.handed_back", extra={"messages": len(waiting)})
+
+
 def forget_waiting(pool: Any) -> None:
     """Drop the requests waiting for a pool process, when the broker connection they came
     on is gone: they could not be acknowledged on it, and the broker delivers them again."""
@@ -241,18 +275,26 @@ def _trace(job: Job) -> Traced:
 
 def _copy(job: Job) -> tuple[processing.Copy, dict[str, str]] | None:
     """The event copy a message carries, with its log labels; None if it is not one."""
-    global _accept
     _, task_id, request, body, content_type, content_encoding = job
-    if _accept is None:
-        _accept = prepare_accept_content(app.conf.accept_content)  # type: ignore[no-untyped-call]
     try:
-        if content_type:
-            args, kwargs, _ = loads(  # type: ignore[no-untyped-call]
-                body, content_type, content_encoding, accept=_accept
-            )
-        else:
-            args, kwargs, _ = body
+        args, kwargs = _arguments(body, content_type, content_encoding)
         copy = processing.copy_of(request.get("delivery_info"), *args, **kwargs)
     except Exception:  # noqa: BLE001 - the task itself meets (and reports) the same
         return None
     return copy, {"task_id": task_id}
+
+
+def _arguments(
+    body: Any, content_type: str | None, content_encoding: str | None
+) -> tuple[list[Any], dict[str, Any]]:
+    """A task message's positional and keyword arguments, decoded as Celery's tracer does."""
+    global _accept
+    if not content_type:
+        args, kwargs, _ = body
+        return args, kwargs
+    if _accept is None:
+        _accept = prepare_accept_content(app.conf.accept_content)  # type: ignore[no-untyped-call]
+    args, kwargs, _ = loads(  # type: ignore[no-untyped-call]
+        body, content_type, content_encoding, accept=_accept
+    )
+    return args, kwargs

@@ -58,6 +58,14 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
         self._flush_due = 0.0
         self._flush_events()
 
+    def stop(self) -> None:
+        # The worker is stopping and takes no more messages: those waiting for a pool
+        # process go back while the connection is still there to acknowledge them.
+        from worker import batching
+
+        batching.hand_back_waiting(self.pool)
+        super().stop()
+
     def on_close(self) -> None:
         # As Celery drops its reserved requests with the connection they came on.
         from worker import batching
