@@ -122,13 +122,20 @@ def test_a_warm_shutdown_mid_burst_leaves_every_waiting_message_on_the_queue(
     try:
         env = support.service_env(database.url, redis.url)
         support.publish_all(redis.url, [json.dumps(event).encode() for event in events])
-        worker = support.start_worker(env, "bs1", 2)
-        support.wait_for(
-            lambda: len(support.outcomes(engine, ids)) >= 200, timeout=60, what="progress"
-        )
-        # Celery's warm shutdown: the jobs in the pool finish, and the messages held for
-        # later, those waiting to go to the pool together included, go back to the queue.
-        os.kill(worker.proc.pid, signal.SIGTERM)
+        with psycopg.connect(database.url) as blocker:
+            # Both pool processes are held inside a job, waiting on the orders, while the
+            # rest of what the worker holds waits for them.
+            blocker.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
+            worker = support.start_worker(env, "bs1", 2)
+            support.wait_for(
+                lambda: _waiting_on_locks(database.url) >= 2,
+                timeout=30,
+                what="both pool processes inside a job",
+            )
+            # Celery's warm shutdown: the worker takes no more messages; those waiting go
+            # back to the queue, then the jobs in the pool finish (once the lock is gone).
+            os.kill(worker.proc.pid, signal.SIGTERM)
+            worker.wait_for_log('"batch.handed_back"', timeout=30)
         worker.proc.wait(timeout=60)
         worker.stop()
         assert int(redis.cli("HLEN", "unacked")) == 0
@@ -141,11 +148,7 @@ def test_a_warm_shutdown_mid_burst_leaves_every_waiting_message_on_the_queue(
         support.wait_finished(engine, ids, timeout=60)
         tally = support.tally(engine, ids)
         assert (tally.lost, tally.doubled, tally.failed) == (0, 0, 0)
-        with engine.connect() as conn:
-            lost = conn.execute(
-                text("SELECT sum(lost_attempts) FROM webhook_events WHERE id = ANY(:ids)"),
-                {"ids": ids},
-            ).scalar_one()
+        lost = _lost_attempts(engine, ids)
         # Not one was counted as an attempt that died with its worker: the messages that
         # come back redelivered are those of jobs that finished as the worker stopped,
         # whose acknowledgement Celery no longer sent, and they find their events applied.
@@ -157,6 +160,30 @@ def test_a_warm_shutdown_mid_burst_leaves_every_waiting_message_on_the_queue(
             worker.stop()
         engine.dispose()
         redis.cleanup()
+
+
+def _waiting_on_locks(url: str) -> int:
+    """Worker transactions of this database blocked on a lock."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'refundsync' AND wait_event_type = 'Lock'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _lost_attempts(engine: Any, ids: list[str]) -> int:
+    """Attempts of these events counted as having died with their worker."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                text(
+                    "SELECT coalesce(sum(lost_attempts), 0) FROM webhook_events"
+                    " WHERE id = ANY(:ids)"
+                ),
+                {"ids": ids},
+            ).scalar_one()
+        )
 
 
 def _queued(redis: support.RedisServer) -> dict[str, bool]:
@@ -203,11 +230,7 @@ def test_a_job_past_its_budget_hands_back_the_rest_untried(database: support.Dat
                     received.setdefault(str(event["uuid"]), []).append(int(event["retries"]))
         assert any(retries[:2] == [0, 0] for retries in received.values()), received
         assert set(tries.values()) <= {"applied", "stale", "ignored"}
-        with engine.connect() as conn:
-            lost = conn.execute(
-                text("SELECT sum(lost_attempts) FROM webhook_events WHERE id = ANY(:ids)"),
-                {"ids": ids},
-            ).scalar_one()
+        lost = _lost_attempts(engine, ids)
         # No job was killed at its time limit.
         assert lost == 0
         expected = eventgen.expected_summaries(events)
