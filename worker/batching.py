@@ -54,10 +54,9 @@ def applies(pool: Any) -> bool:
 
 def submit(request: Request, pool: TaskPool) -> None:
     """Send a request to the pool, with others that wait for a free process."""
-    batcher: Batcher | None = getattr(pool, "_refundsync_batcher", None)
+    batcher = _batcher(pool)
     if batcher is None:
-        batcher = Batcher(pool)
-        pool._refundsync_batcher = batcher
+        batcher = pool._refundsync_batcher = Batcher(pool)
     batcher.submit(request)
 
 
@@ -69,7 +68,7 @@ def hand_back_waiting(pool: Any) -> None:
     attempt that died with its worker though it never started. One whose message cannot be
     queued again is left to the broker so.
     """
-    batcher: Batcher | None = getattr(pool, "_refundsync_batcher", None)
+    batcher = _batcher(pool)
     if batcher is None:
         return
     waiting, batcher.waiting = batcher.waiting, []
@@ -98,9 +97,15 @@ def hand_back_waiting(pool: Any) -> None:
 def forget_waiting(pool: Any) -> None:
     """Drop the requests waiting for a pool process, when the broker connection they came
     on is gone: they could not be acknowledged on it, and the broker delivers them again."""
-    batcher: Batcher | None = getattr(pool, "_refundsync_batcher", None)
+    batcher = _batcher(pool)
     if batcher is not None:
         batcher.waiting.clear()
+
+
+def _batcher(pool: Any) -> Batcher | None:
+    """The pool's Batcher, once a request has gone through one."""
+    found: Batcher | None = getattr(pool, "_refundsync_batcher", None)
+    return found
 
 
 class Batcher:
@@ -240,7 +245,12 @@ def run_batch(jobs: list[Job]) -> list[Traced]:
     every one that could not be; one traced result per message, in order."""
     started = monotonic()
     try:
-        results = processing.process_together(settings, [_copy(job) for job in jobs])
+        # A message alone runs as the task itself, with no parsing of it here first.
+        results: list[processing.Result | None] = (
+            processing.process_together(settings, [_copy(job) for job in jobs])
+            if len(jobs) > 1
+            else [None]
+        )
     except Exception:
         # Nothing is lost: every message then runs as the task itself.
         log.exception("batch.failed")

@@ -28,6 +28,7 @@ from models.payloads import Envelope, Instant, as_utc, load_json
 from models.rules import (
     FINAL_OUTCOMES,
     Change,
+    Decision,
     EventRef,
     Ignore,
     OrderState,
@@ -413,15 +414,7 @@ def _apply_together(db: Engine, settings: Settings, ready: list[_Ready]) -> list
                     changed.add(plan.order_id)
                     history += store.history_rows(plan.order_id, event_id, decision.changes)
                 finishes.append(store.Finish(event_id, decision.outcome, order_id=plan.order_id))
-                results.append(
-                    Result(
-                        event_id,
-                        decision.outcome,
-                        changes=decision.changes,
-                        event_type=envelope.type,
-                        order_id=plan.order_id,
-                    )
-                )
+                results.append(_decided(envelope, plan, decision))
         store.save_all(conn, [(before[o], states[o]) for o in sorted(changed)], history, finishes)
     return results
 
@@ -563,6 +556,10 @@ def _apply_locked(
     store.save_and_finish(
         conn, state, decision.state, decision.changes, envelope.id, decision.outcome
     )
+    return _decided(envelope, plan, decision)
+
+
+def _decided(envelope: Envelope, plan: Plan, decision: Decision) -> Result:
     return Result(
         envelope.id,
         decision.outcome,

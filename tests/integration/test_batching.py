@@ -9,14 +9,51 @@ import random
 import signal
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+import pytest
 import redis as redis_client
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from tests import eventgen, support
 from tests.integration.test_task_events import EventTap
+
+
+@dataclass
+class Rig:
+    """A private broker on the session's database, and the workers a test starts on them."""
+
+    db_url: str
+    redis: support.RedisServer
+    engine: Engine
+    env: dict[str, str]
+    workers: list[support.Process] = field(default_factory=list)
+
+    def worker(self, name: str, concurrency: int) -> support.Process:
+        process = support.start_worker(self.env, name, concurrency)
+        self.workers.append(process)
+        return process
+
+
+@pytest.fixture
+def rig(database: support.Database) -> Iterator[Rig]:
+    redis = support.RedisServer().start()
+    rig = Rig(
+        database.url,
+        redis,
+        support.engine_for(database.url),
+        support.service_env(database.url, redis.url),
+    )
+    try:
+        yield rig
+    finally:
+        for process in rig.workers:
+            process.stop()
+        rig.engine.dispose()
+        redis.cleanup()
 
 
 def _refund(order_id: str, amount: Any) -> dict[str, Any]:
@@ -37,7 +74,7 @@ def _refund(order_id: str, amount: Any) -> dict[str, Any]:
     }
 
 
-def test_a_burst_is_applied_together_as_it_would_be_alone(database: support.Database) -> None:
+def test_a_burst_is_applied_together_as_it_would_be_alone(rig: Rig) -> None:
     rng = random.Random(11)
     prefix = f"bt-{uuid.uuid4().hex[:8]}"
     valid = [event for n in range(40) for event in eventgen.order_history(rng, f"{prefix}-{n}", 10)]
@@ -57,58 +94,48 @@ def test_a_burst_is_applied_together_as_it_would_be_alone(database: support.Data
         if n == 100:
             bodies += [json.dumps(e).encode() for e in (invalid, unhandled, refused)]
 
-    redis = support.RedisServer().start()
-    engine = support.engine_for(database.url)
-    worker: support.Process | None = None
-    try:
-        env = support.service_env(database.url, redis.url)
-        batch_limit = support.python_json("from worker.app import BATCH_LIMIT as b; print(b)", env)
-        support.publish_all(redis.url, bodies)
-        worker = support.start_worker(env, "bt", 2)
-        special = [invalid["id"], unhandled["id"], refused["id"]]
-        ids = [str(event["id"]) for event in valid]
-        outcomes = support.wait_finished(engine, ids + special, timeout=120)
+    batch_limit = support.python_json("from worker.app import BATCH_LIMIT as b; print(b)", rig.env)
+    support.publish_all(rig.redis.url, bodies)
+    rig.worker("bt", 2)
+    special = [invalid["id"], unhandled["id"], refused["id"]]
+    ids = [str(event["id"]) for event in valid]
+    outcomes = support.wait_finished(rig.engine, ids + special, timeout=120)
 
-        assert {outcomes[i] for i in ids} <= {"applied", "stale", "ignored"}
-        assert outcomes[invalid["id"]] == "failed"
-        assert outcomes[unhandled["id"]] == "ignored"
-        assert outcomes[refused["id"]] == "failed"
-        tally = support.tally(engine, ids)
-        assert (tally.lost, tally.doubled, tally.failed) == (0, 0, 0)
-        assert tally.suppressed == len(twice)
-        expected = eventgen.expected_summaries(valid)
-        assert support.summaries(engine, list(expected)) == expected
+    assert {outcomes[i] for i in ids} <= {"applied", "stale", "ignored"}
+    assert outcomes[invalid["id"]] == "failed"
+    assert outcomes[unhandled["id"]] == "ignored"
+    assert outcomes[refused["id"]] == "failed"
+    tally = support.tally(rig.engine, ids)
+    assert (tally.lost, tally.doubled, tally.failed) == (0, 0, 0)
+    assert tally.suppressed == len(twice)
+    expected = eventgen.expected_summaries(valid)
+    assert support.summaries(rig.engine, list(expected)) == expected
 
-        with engine.connect() as conn:
-            # Rows written by one transaction share its id (xmin).
-            per_transaction = Counter(
-                row.xid
-                for row in conn.execute(
-                    text("SELECT xmin::text AS xid FROM webhook_events WHERE id = ANY(:ids)"),
-                    {"ids": ids},
-                )
+    with rig.engine.connect() as conn:
+        # Rows written by one transaction share its id (xmin).
+        per_transaction = Counter(
+            row.xid
+            for row in conn.execute(
+                text("SELECT xmin::text AS xid FROM webhook_events WHERE id = ANY(:ids)"),
+                {"ids": ids},
             )
-            errors: dict[str, str] = {
-                row.id: row.error
-                for row in conn.execute(
-                    text("SELECT id, error FROM webhook_events WHERE id = ANY(:ids)"),
-                    {"ids": [invalid["id"], refused["id"]]},
-                )
-            }
-        assert max(per_transaction.values()) > 1, "no two events shared a transaction"
-        assert max(per_transaction.values()) <= batch_limit
-        assert len(per_transaction) < len(ids) / 2
-        assert "amount" in errors[invalid["id"]]
-        assert errors[refused["id"]]
-    finally:
-        if worker is not None:
-            worker.stop()
-        engine.dispose()
-        redis.cleanup()
+        )
+        errors: dict[str, str] = {
+            row.id: row.error
+            for row in conn.execute(
+                text("SELECT id, error FROM webhook_events WHERE id = ANY(:ids)"),
+                {"ids": [invalid["id"], refused["id"]]},
+            )
+        }
+    assert max(per_transaction.values()) > 1, "no two events shared a transaction"
+    assert max(per_transaction.values()) <= batch_limit
+    assert len(per_transaction) < len(ids) / 2
+    assert "amount" in errors[invalid["id"]]
+    assert errors[refused["id"]]
 
 
 def test_a_warm_shutdown_mid_burst_leaves_every_waiting_message_on_the_queue(
-    database: support.Database,
+    rig: Rig,
 ) -> None:
     rng = random.Random(12)
     prefix = f"bs-{uuid.uuid4().hex[:8]}"
@@ -116,50 +143,40 @@ def test_a_warm_shutdown_mid_burst_leaves_every_waiting_message_on_the_queue(
         event for n in range(300) for event in eventgen.order_history(rng, f"{prefix}-{n}", 10)
     ]
     ids = [str(event["id"]) for event in events]
-    redis = support.RedisServer().start()
-    engine = support.engine_for(database.url)
-    worker: support.Process | None = None
-    try:
-        env = support.service_env(database.url, redis.url)
-        support.publish_all(redis.url, [json.dumps(event).encode() for event in events])
-        with psycopg.connect(database.url) as blocker:
-            # Both pool processes are held inside a job, waiting on the orders, while the
-            # rest of what the worker holds waits for them.
-            blocker.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
-            worker = support.start_worker(env, "bs1", 2)
-            support.wait_for(
-                lambda: _waiting_on_locks(database.url) >= 2,
-                timeout=30,
-                what="both pool processes inside a job",
-            )
-            # Celery's warm shutdown: the worker takes no more messages; those waiting go
-            # back to the queue, then the jobs in the pool finish (once the lock is gone).
-            os.kill(worker.proc.pid, signal.SIGTERM)
-            worker.wait_for_log('"batch.handed_back"', timeout=30)
-        worker.proc.wait(timeout=60)
-        worker.stop()
-        assert int(redis.cli("HLEN", "unacked")) == 0
-        finished = {i for i, o in support.outcomes(engine, ids).items() if o != "queued"}
-        assert len(finished) < len(ids), "the burst drained before the shutdown"
-        assert finished | set(_queued(redis)) == set(ids)
+    support.publish_all(rig.redis.url, [json.dumps(event).encode() for event in events])
+    with psycopg.connect(rig.db_url) as blocker:
+        # Both pool processes are held inside a job, waiting on the orders, while the
+        # rest of what the worker holds waits for them.
+        blocker.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
+        worker = rig.worker("bs1", 2)
+        support.wait_for(
+            lambda: _waiting_on_locks(rig.db_url) >= 2,
+            timeout=30,
+            what="both pool processes inside a job",
+        )
+        # Celery's warm shutdown: the worker takes no more messages; those waiting go
+        # back to the queue, then the jobs in the pool finish (once the lock is gone).
+        os.kill(worker.proc.pid, signal.SIGTERM)
+        worker.wait_for_log('"batch.handed_back"', timeout=30)
+    worker.proc.wait(timeout=60)
+    worker.stop()
+    assert int(rig.redis.cli("HLEN", "unacked")) == 0
+    finished = {i for i, o in support.outcomes(rig.engine, ids).items() if o != "queued"}
+    assert len(finished) < len(ids), "the burst drained before the shutdown"
+    assert finished | set(_queued(rig.redis)) == set(ids)
 
-        worker = support.start_worker(env, "bs2", 2)
-        # Well inside the visibility timeout: nothing waits for it to come back.
-        support.wait_finished(engine, ids, timeout=60)
-        tally = support.tally(engine, ids)
-        assert (tally.lost, tally.doubled, tally.failed) == (0, 0, 0)
-        lost = _lost_attempts(engine, ids)
-        # Not one was counted as an attempt that died with its worker: the messages that
-        # come back redelivered are those of jobs that finished as the worker stopped,
-        # whose acknowledgement Celery no longer sent, and they find their events applied.
-        assert lost == 0
-        expected = eventgen.expected_summaries(events)
-        assert support.summaries(engine, list(expected)) == expected
-    finally:
-        if worker is not None:
-            worker.stop()
-        engine.dispose()
-        redis.cleanup()
+    worker = rig.worker("bs2", 2)
+    # Well inside the visibility timeout: nothing waits for it to come back.
+    support.wait_finished(rig.engine, ids, timeout=60)
+    tally = support.tally(rig.engine, ids)
+    assert (tally.lost, tally.doubled, tally.failed) == (0, 0, 0)
+    lost = _lost_attempts(rig.engine, ids)
+    # Not one was counted as an attempt that died with its worker: the messages that
+    # come back redelivered are those of jobs that finished as the worker stopped,
+    # whose acknowledgement Celery no longer sent, and they find their events applied.
+    assert lost == 0
+    expected = eventgen.expected_summaries(events)
+    assert support.summaries(rig.engine, list(expected)) == expected
 
 
 def _waiting_on_locks(url: str) -> int:
@@ -172,7 +189,7 @@ def _waiting_on_locks(url: str) -> int:
     return int(row[0]) if row else 0
 
 
-def _lost_attempts(engine: Any, ids: list[str]) -> int:
+def _lost_attempts(engine: Engine, ids: list[str]) -> int:
     """Attempts of these events counted as having died with their worker."""
     with engine.connect() as conn:
         return int(
@@ -201,26 +218,22 @@ def _queued(redis: support.RedisServer) -> dict[str, bool]:
         client.close()
 
 
-def test_a_job_past_its_budget_hands_back_the_rest_untried(database: support.Database) -> None:
+def test_a_job_past_its_budget_hands_back_the_rest_untried(rig: Rig) -> None:
     # Every order is locked away: the transaction together times out on its lock, and so
     # does each message tried alone afterwards, until the job's budget for them is spent.
     rng = random.Random(13)
     prefix = f"bd-{uuid.uuid4().hex[:8]}"
     events = eventgen.order_history(rng, f"{prefix}-0", 9)[:9]
     ids = [str(event["id"]) for event in events]
-    redis = support.RedisServer().start()
-    tap = EventTap(redis.url)
+    tap = EventTap(rig.redis.url)
     tap.start()
-    engine = support.engine_for(database.url)
-    worker: support.Process | None = None
     try:
-        env = support.service_env(database.url, redis.url)
-        support.publish_all(redis.url, [json.dumps(event).encode() for event in events])
-        with psycopg.connect(database.url) as blocker:
+        support.publish_all(rig.redis.url, [json.dumps(event).encode() for event in events])
+        with psycopg.connect(rig.db_url) as blocker:
             blocker.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
-            worker = support.start_worker(env, "bd", 1)
+            worker = rig.worker("bd", 1)
             worker.wait_for_log("not tried: the messages sent with it took too long", 90)
-        tries = support.wait_finished(engine, ids, timeout=120)
+        tries = support.wait_finished(rig.engine, ids, timeout=120)
         # A message handed back untried comes again under its task id with its retries
         # as they were: a deferral spends none of the event's retry budget.
         received: dict[str, list[int]] = {}
@@ -230,17 +243,13 @@ def test_a_job_past_its_budget_hands_back_the_rest_untried(database: support.Dat
                     received.setdefault(str(event["uuid"]), []).append(int(event["retries"]))
         assert any(retries[:2] == [0, 0] for retries in received.values()), received
         assert set(tries.values()) <= {"applied", "stale", "ignored"}
-        lost = _lost_attempts(engine, ids)
+        lost = _lost_attempts(rig.engine, ids)
         # No job was killed at its time limit.
         assert lost == 0
         expected = eventgen.expected_summaries(events)
-        assert support.summaries(engine, list(expected)) == expected
+        assert support.summaries(rig.engine, list(expected)) == expected
     finally:
-        if worker is not None:
-            worker.stop()
         tap.stop()
-        engine.dispose()
-        redis.cleanup()
 
 
 _ACTIVE = """
@@ -258,7 +267,7 @@ print(json.dumps(True))
 """
 
 
-def test_terminating_one_task_puts_the_others_of_its_job_back(database: support.Database) -> None:
+def test_terminating_one_task_puts_the_others_of_its_job_back(rig: Rig) -> None:
     # Revoking a task with terminate kills the pool process running it, and with it the
     # job it shares with others; those others must go back on the queue, not be taken for
     # revoked too (acknowledged, and their events lost).
@@ -266,47 +275,37 @@ def test_terminating_one_task_puts_the_others_of_its_job_back(database: support.
     prefix = f"bk-{uuid.uuid4().hex[:8]}"
     events = [event for n in range(4) for event in eventgen.order_history(rng, f"{prefix}-{n}", 8)]
     ids = [str(event["id"]) for event in events]
-    redis = support.RedisServer().start()
-    engine = support.engine_for(database.url)
-    worker: support.Process | None = None
-    try:
-        env = support.service_env(database.url, redis.url)
-        support.publish_all(redis.url, [json.dumps(event).encode() for event in events])
-        with psycopg.connect(database.url) as blocker:
-            # Every job waits on the orders, long enough to be caught running.
-            blocker.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
-            worker = support.start_worker(env, "bk", 1)
-            active: list[str] = []
+    support.publish_all(rig.redis.url, [json.dumps(event).encode() for event in events])
+    with psycopg.connect(rig.db_url) as blocker:
+        # Every job waits on the orders, long enough to be caught running.
+        blocker.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
+        rig.worker("bk", 1)
+        active: list[str] = []
 
-            def together() -> bool:
-                active[:] = support.python_json(_ACTIVE, env)
-                return len(active) > 1
+        def together() -> bool:
+            active[:] = support.python_json(_ACTIVE, rig.env)
+            return len(active) > 1
 
-            support.wait_for(together, timeout=30, what="a job of several tasks running")
-            victim = active[0]
-            assert support.python_json(_TERMINATE.replace("sys.argv[1]", repr(victim)), env)
-            # The job's process is gone: no task of the job is running any more.
-            support.wait_for(
-                lambda: victim not in support.python_json(_ACTIVE, env),
-                timeout=30,
-                what="the job terminated",
-            )
+        support.wait_for(together, timeout=30, what="a job of several tasks running")
+        victim = active[0]
+        assert support.python_json(_TERMINATE.replace("sys.argv[1]", repr(victim)), rig.env)
+        # The job's process is gone: no task of the job is running any more.
+        support.wait_for(
+            lambda: victim not in support.python_json(_ACTIVE, rig.env),
+            timeout=30,
+            what="the job terminated",
+        )
 
-        # Only the terminated task's event is missing: it was revoked, as asked.
-        def all_but_one() -> bool:
-            return len(_finished(engine, ids)) >= len(ids) - 1
+    # Only the terminated task's event is missing: it was revoked, as asked.
+    def all_but_one() -> bool:
+        return len(_finished(rig.engine, ids)) >= len(ids) - 1
 
-        support.wait_for(all_but_one, timeout=120, what="every other event finished")
-        finished = _finished(engine, ids)
-        assert len(finished) == len(ids) - 1
-        tally = support.tally(engine, finished)
-        assert (tally.lost, tally.doubled, tally.failed) == (0, 0, 0)
-    finally:
-        if worker is not None:
-            worker.stop()
-        engine.dispose()
-        redis.cleanup()
+    support.wait_for(all_but_one, timeout=120, what="every other event finished")
+    finished = _finished(rig.engine, ids)
+    assert len(finished) == len(ids) - 1
+    tally = support.tally(rig.engine, finished)
+    assert (tally.lost, tally.doubled, tally.failed) == (0, 0, 0)
 
 
-def _finished(engine: Any, ids: list[str]) -> list[str]:
+def _finished(engine: Engine, ids: list[str]) -> list[str]:
     return [i for i, outcome in support.outcomes(engine, ids).items() if outcome != "queued"]
