@@ -5,16 +5,33 @@ BIN := $(VENV)/bin
 ADMIN_DSN ?= postgresql://postgres@127.0.0.1:5432/postgres
 # The database `make db` creates on the local Postgres.
 LOCAL_DATABASE_URL := postgresql://postgres@127.0.0.1:5432/refundsync
+# Every dependency, runtime and dev, at exact versions with hashes (`make lock` writes them).
+DEV_LOCK := requirements/dev.txt
+# The runtime part alone, at the same versions: what the Dockerfile installs.
+MAIN_LOCK := requirements/main.txt
+LOCK_OPTIONS := --quiet --universal --python-version 3.11 --generate-hashes \
+  --custom-compile-command "make lock"
 
-.PHONY: install run test lint format typecheck db
+.PHONY: install lock run test lint format typecheck db
 
-$(BIN)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+# The venv holds exactly the locked versions: it is made anew whenever the lock (or the
+# project's metadata) changes, and pip installs nothing that the lock does not name with its
+# hashes (refundsync itself is built with the locked setuptools, not a downloaded one).
+$(BIN)/.installed: $(DEV_LOCK) pyproject.toml
+	$(PYTHON) -m venv --clear $(VENV)
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(DEV_LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(BIN)/.installed
+
+# Upgrades every locked dependency to the newest release the ranges in pyproject.toml allow;
+# the only way versions change. Review the diff of requirements/ and run `make test`.
+lock: install
+	$(BIN)/uv pip compile $(LOCK_OPTIONS) --upgrade --extra dev \
+	  pyproject.toml requirements/build.in -o $(DEV_LOCK)
+	$(BIN)/uv pip compile $(LOCK_OPTIONS) --constraint $(DEV_LOCK) \
+	  pyproject.toml requirements/build.in -o $(MAIN_LOCK)
 
 # Creates the `refundsync` database on the local Postgres.
 db:

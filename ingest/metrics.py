@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterator
 
 from prometheus_client import (
-    CollectorRegistry,
     Counter,
     Histogram,
     generate_latest,
-    multiprocess,
 )
-from prometheus_client.core import REGISTRY, GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from models import store
-from models.telemetry import MULTIPROC_ENV
+from models.telemetry import service_registry
 
 _SCRAPE = threading.Lock()
 
@@ -73,11 +70,7 @@ def exposition(state: StateCollector, queue_depth: int) -> bytes:
 
     `queue_depth` is read by the caller on the event loop (the Redis client is async).
     """
-    if os.environ.get(MULTIPROC_ENV):
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    else:
-        registry = REGISTRY
+    registry = service_registry()
     # Scrapes run in threads; the state collector joins the shared registry one at a time.
     with _SCRAPE:
         state.queue_depth = queue_depth

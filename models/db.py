@@ -177,7 +177,9 @@ def _pipelines(conn: Connection) -> bool:
 
 
 def _driver_connection(conn: Connection) -> psycopg.Connection[Any]:
-    raw: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
+    raw = conn.connection.driver_connection
+    # Only called where _pipelines said the driver is psycopg.
+    assert isinstance(raw, psycopg.Connection)  # noqa: S101
     return raw
 
 

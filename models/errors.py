@@ -27,3 +27,9 @@ class TransientError(RefundSyncError):
 
 class Deferred(TransientError):
     """Not tried at all, to be tried later: no retry is counted against the event."""
+
+
+class DatabaseBusy(TransientError):
+    """Another writer held the database past the wait for it (SQLite's busy timeout, in the
+    standalone mode): the wait has already happened, so the event is tried again at once
+    rather than after a backoff meant for a database that is gone."""

@@ -7,8 +7,17 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, multiprocess
+from prometheus_client.registry import REGISTRY
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# prometheus_client's multiprocess helpers carry no annotations (its other modules do); typed
+# here once, so a release that annotates them changes nothing for the callers.
+_collect_from_files: Callable[[CollectorRegistry], object] = multiprocess.MultiProcessCollector
+_mark_process_dead: Callable[[int], object] = multiprocess.mark_process_dead
 
 
 def share_metrics_between_processes() -> str:
@@ -36,5 +45,22 @@ def share_metrics_between_processes() -> str:
     # again now that the directory is known. Metrics created from here on share it.
     values = sys.modules.get("prometheus_client.values")
     if values is not None:
-        values.ValueClass = values.get_value_class()  # type: ignore[attr-defined]
+        # setattr: the attribute is module state prometheus_client does not declare.
+        setattr(values, "ValueClass", values.get_value_class())  # noqa: B010
     return os.environ[MULTIPROC_ENV]
+
+
+def service_registry() -> CollectorRegistry:
+    """The registry /metrics serves: every process's values added up when the service's
+    processes share a directory, else this process's own."""
+    if not os.environ.get(MULTIPROC_ENV):
+        return REGISTRY
+    registry = CollectorRegistry()
+    _collect_from_files(registry)
+    return registry
+
+
+def forget_process(pid: int) -> None:
+    """Drop a finished process's live gauges from the shared directory."""
+    if os.environ.get(MULTIPROC_ENV):
+        _mark_process_dead(pid)

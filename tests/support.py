@@ -25,6 +25,7 @@ from sqlalchemy import Engine, text
 
 from ingest.signature import sign
 from models.db import make_engine
+from tests import deadlines
 
 SECRET = "whsec_test_primary"
 OTHER_SECRET = "whsec_test_rotating"
@@ -89,7 +90,7 @@ class RedisServer:
             ],
             check=True,
         )
-        wait_for(self.ping, timeout=10, what=f"redis on {self.port}")
+        wait_for(self.ping, timeout=deadlines.LOCAL_PROCESS_S, what=f"redis on {self.port}")
         return self
 
     def ping(self) -> bool:
@@ -118,7 +119,7 @@ class RedisServer:
                 timeout=10,
                 check=False,
             )
-        wait_for(lambda: not self.ping(), timeout=10, what="redis to stop")
+        wait_for(lambda: not self.ping(), timeout=deadlines.LOCAL_PROCESS_S, what="redis to stop")
 
     def cleanup(self) -> None:
         self.stop()
@@ -225,7 +226,7 @@ def start_ingest(env: Mapping[str, str]) -> tuple[Process, str]:
         except httpx.HTTPError:
             return False
 
-    wait_for(healthy, timeout=30, what="ingest /healthz")
+    wait_for(healthy, timeout=deadlines.PROCESS_START_S, what="ingest /healthz")
     return process, base
 
 
@@ -246,7 +247,7 @@ def start_worker(env: Mapping[str, str], name: str, concurrency: int = 1, *extra
         env,
     )
     try:
-        process.wait_for_log("ready.", timeout=60)
+        process.wait_for_log("ready.", timeout=deadlines.PROCESS_START_S)
     except BaseException:
         process.stop()
         raise
@@ -295,7 +296,9 @@ def outcomes(engine: Engine, ids: list[str]) -> dict[str, str]:
         return {row.id: row.outcome for row in rows}
 
 
-def wait_finished(engine: Engine, ids: list[str], timeout: float = 120) -> dict[str, str]:
+def wait_finished(
+    engine: Engine, ids: list[str], timeout: float = deadlines.APPLY_S
+) -> dict[str, str]:
     wanted = set(ids)
 
     def done() -> dict[str, str] | None:

@@ -21,34 +21,23 @@ from celery.signals import (
     worker_ready,
 )
 
-from models import logs
+from models import logs, telemetry
 from models.db import SQLITE_BUSY_TIMEOUT_S
 from models.messages import RECONCILE_TASK, SWEEP_TASK
 from models.settings import load_or_exit
 from models.telemetry import share_metrics_between_processes
 from worker import redis_broker
 from worker.broker import is_standalone
+from worker.policy import (
+    BATCH_LIMIT,
+    RESTORE_SCAN_S,
+    TASK_TIME_LIMIT_S,
+    VISIBILITY_TIMEOUT_S,
+)
 
 settings = load_or_exit("REDIS_URL")
 # Before any connection exists: a message Redis stops delivering halfway is kept, not lost.
 redis_broker.register()
-
-# A message a dead worker held is restored to the queue once it has been unacknowledged
-# this long. Together with the restore scan below, a lost worker's events are back within
-# about VISIBILITY_TIMEOUT_S + RESTORE_SCAN_S, well under the 5 minutes the design promises.
-VISIBILITY_TIMEOUT_S = 120
-# kombu scans for such messages every `unacked_restore_interval` seconds, but by default
-# only on every 10th tick (100 s); scanning on every tick costs one ZRANGE per 10 s.
-RESTORE_SCAN_S = 10
-# Every task is far inside the visibility timeout: statements and lock waits are bounded
-# (models.db) and this hard limit kills anything else.
-TASK_TIME_LIMIT_S = 60
-# Retry countdowns wait in the worker while their message counts as unacknowledged, so the
-# longest one must stay below the visibility timeout or the message would be run twice.
-MAX_RETRY_COUNTDOWN_S = 60
-
-# At most this many messages go to a pool process as one job (worker.batching).
-BATCH_LIMIT = 8
 
 REDIS_TRANSPORT_OPTIONS = {
     "visibility_timeout": VISIBILITY_TIMEOUT_S,
@@ -188,6 +177,5 @@ def _serve_metrics(**_: object) -> None:
 
 @worker_process_shutdown.connect
 def _pool_process_gone(pid: int | None = None, **_: object) -> None:
-    from worker import metrics
 
-    metrics.forget_process(pid or os.getpid())
+    telemetry.forget_process(pid or os.getpid())

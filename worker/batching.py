@@ -32,7 +32,8 @@ from kombu.serialization import loads, prepare_accept_content
 from kombu.utils.uuid import uuid
 
 from worker import processing
-from worker.app import BATCH_LIMIT, STANDALONE, TASK_TIME_LIMIT_S, app, settings
+from worker.app import STANDALONE, app, settings
+from worker.policy import BATCH_LIMIT, TASK_TIME_LIMIT_S
 
 log = logging.getLogger("refundsync.worker")
 
@@ -303,8 +304,6 @@ def _arguments(
         args, kwargs, _ = body
         return args, kwargs
     if _accept is None:
-        _accept = prepare_accept_content(app.conf.accept_content)  # type: ignore[no-untyped-call]
-    args, kwargs, _ = loads(  # type: ignore[no-untyped-call]
-        body, content_type, content_encoding, accept=_accept
-    )
+        _accept = prepare_accept_content(app.conf.accept_content)
+    args, kwargs, _ = loads(body, content_type, content_encoding, accept=_accept)
     return args, kwargs

@@ -54,14 +54,14 @@ class Channel(kombu_sqlalchemy.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._sessions = threading.local()
         self._factory: sessionmaker[Session] | None = None
-        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        super().__init__(*args, **kwargs)
         # Kept now: kombu's _open needs the connection, which a closed channel no longer
         # has, and a thread may still acknowledge through it for the first time.
         self._session_factory()
 
     def _session_factory(self) -> sessionmaker[Session]:
         if self._factory is None:
-            self._factory = self._open()[1]  # type: ignore[no-untyped-call]
+            self._factory = self._open()[1]
         return self._factory
 
     @property
@@ -88,9 +88,9 @@ class Channel(kombu_sqlalchemy.Channel):
             self.session.rollback()
             raise
 
-    def _put(self, queue: Any, payload: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def _put(self, queue: Any, payload: Any, **kwargs: Any) -> Any:
         try:
-            return super()._put(queue, payload, **kwargs)  # type: ignore[no-untyped-call]
+            return super()._put(queue, payload, **kwargs)
         except SQLAlchemyError:
             # The publisher reports the failure (the ingest answers 503); the session
             # must stay usable for the next message.
@@ -98,7 +98,7 @@ class Channel(kombu_sqlalchemy.Channel):
             raise
 
     def _take(self, queue: str) -> Any:
-        obj = self._get_or_create(queue)  # type: ignore[no-untyped-call]
+        obj = self._get_or_create(queue)
         self.session.execute(text("BEGIN IMMEDIATE TRANSACTION"))
         try:
             message = (
@@ -138,18 +138,18 @@ class Channel(kombu_sqlalchemy.Channel):
 
     def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
         message = self.qos._delivered.get(delivery_tag)
-        super().basic_ack(delivery_tag, multiple=multiple)  # type: ignore[no-untyped-call]
+        super().basic_ack(delivery_tag, multiple=multiple)
         self._settle(message)
 
     def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
         message = self.qos._delivered.get(delivery_tag)
         # A requeued message is stored again as a new row first (see _restore).
-        super().basic_reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
+        super().basic_reject(delivery_tag, requeue=requeue)
         if not requeue:
             self._settle(message)
 
     def _restore(self, message: Any) -> None:
-        super()._restore(message)  # type: ignore[no-untyped-call]
+        super()._restore(message)
         self._settle(message)
 
 
@@ -171,7 +171,7 @@ def prepare(url: str, queue: str) -> int:
     on first use in each process, and two processes doing that at once can collide. Only
     safe while no worker consumes from this broker.
     """
-    with Connection(url) as connection:  # type: ignore[no-untyped-call]
+    with Connection(url) as connection:
         connection.default_channel.queue_declare(queue=queue)
     engine = create_engine(url.removeprefix(f"{SCHEME}+"))
     try:

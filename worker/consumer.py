@@ -25,7 +25,7 @@ from models.messages import APPLY_TASK
 EVENT_FLUSH_S = 0.1
 
 
-class Consumer(CeleryConsumer):  # type: ignore[misc]
+class Consumer(CeleryConsumer):
     # When the scheduled flush is due (0: none is scheduled).
     _flush_due = 0.0
 

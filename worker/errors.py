@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import psycopg.errors
 from sqlalchemy import exc as sa_exc
 
-from models.errors import PermanentError, TransientError
+from models.errors import DatabaseBusy, PermanentError, TransientError
 
 _TRANSIENT_SQLSTATES = (
     psycopg.errors.SerializationFailure,
@@ -23,8 +25,18 @@ _TRANSIENT_SQLSTATES = (
 )
 
 
+# SQLite's primary result codes for a lock another connection holds.
+_SQLITE_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 def classify(exc: sa_exc.DBAPIError) -> TransientError | PermanentError:
     """A typed error for a database failure: transient ones are retried, others recorded."""
+    orig = exc.orig
+    if (
+        isinstance(orig, sqlite3.OperationalError)
+        and getattr(orig, "sqlite_errorcode", 0) & 0xFF in _SQLITE_BUSY_CODES
+    ):
+        return DatabaseBusy(f"database: busy: {_first_line(orig)}")
     if (
         exc.connection_invalidated
         or isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime
 
 from prometheus_client import (
-    REGISTRY,
-    CollectorRegistry,
     Counter,
     Histogram,
-    multiprocess,
     start_http_server,
 )
 
 from models.rules import HANDLED_EVENTS, Outcome
-from models.telemetry import MULTIPROC_ENV
+from models.telemetry import service_registry
 
 EVENTS = Counter(
     "refundsync_events_total",
@@ -58,14 +54,5 @@ def observe(
 def serve(address: str) -> None:
     """Serve /metrics for this worker (main process and pool) at `host:port`."""
     host, _, port = address.rpartition(":")
-    registry = REGISTRY
-    if os.environ.get(MULTIPROC_ENV):
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry = service_registry()
     start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)  # noqa: S104
-
-
-def forget_process(pid: int) -> None:
-    """Drop a finished pool process's live gauges."""
-    if os.environ.get(MULTIPROC_ENV):
-        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

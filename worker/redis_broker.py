@@ -40,7 +40,7 @@ _stranded: list[tuple[dict[str, Any], str, str]] = []
 class QoS(kombu_redis.QoS):
     def append(self, message: Any, delivery_tag: str) -> None:
         try:
-            super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
+            super().append(message, delivery_tag)
         except self.channel.connection_errors:
             delivery = message.delivery_info
             _stranded.append((message._raw, delivery["exchange"], delivery["routing_key"]))
@@ -57,7 +57,7 @@ class Channel(kombu_redis.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Connects (kombu pings Redis here); a new channel is the first moment a
         # stranded message can go back.
-        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        super().__init__(*args, **kwargs)
         if _stranded:
             self._requeue_stranded()
 
@@ -66,7 +66,7 @@ class Channel(kombu_redis.Channel):
         # take the address from.
         if self.connection is None or self.connection.client is None:
             raise RedisConnectionError("the broker connection was closed")
-        params: dict[str, Any] = super()._connparams(asynchronous)  # type: ignore[no-untyped-call]
+        params: dict[str, Any] = super()._connparams(asynchronous)
         return params
 
     def _create_client(self, asynchronous: bool = False) -> Any:
@@ -75,11 +75,11 @@ class Channel(kombu_redis.Channel):
         # one per pool serves them all. A new pool (after a fork or a reconnection) gets a
         # new client.
         if asynchronous:
-            return super()._create_client(asynchronous=True)  # type: ignore[no-untyped-call]
+            return super()._create_client(asynchronous=True)
         pool = self.pool
         client = self._command_client
         if client is None or client.connection_pool is not pool:
-            client = self._command_client = super()._create_client()  # type: ignore[no-untyped-call]
+            client = self._command_client = super()._create_client()
         return client
 
     def _requeue_stranded(self) -> None:
@@ -87,7 +87,7 @@ class Channel(kombu_redis.Channel):
         with self.conn_or_acquire() as client:
             pipe = client.pipeline()
             for payload, exchange, routing_key in taken:
-                self._do_restore_message(payload, exchange, routing_key, pipe)  # type: ignore[no-untyped-call]
+                self._do_restore_message(payload, exchange, routing_key, pipe)
             pipe.execute()
         del _stranded[: len(taken)]
         log.warning("broker.requeued_interrupted", extra={"messages": len(taken)})

@@ -147,7 +147,8 @@ def banner(plan: RunPlan, host: str, port: int) -> list[str]:
     """What `refundsync run` prints once its processes are started."""
     url = f"http://{host}:{port}/webhooks/digital-river"
     example = plan.data_dir / EXAMPLE_FILE
-    event = example_event()
+    order = f"ord_example_{uuid.uuid4().hex[:8]}"
+    event = example_event(order)
     example.write_text(json.dumps(event, indent=2) + "\n")
     lines = []
     if plan.standalone:
@@ -164,7 +165,6 @@ def banner(plan: RunPlan, host: str, port: int) -> list[str]:
             f" | curl -sS -X POST {url} -H 'Content-Type: application/json'"
             f' -H "DigitalRiver-Signature: $(cat)" --data-binary @{file}'
         )
-        order = event["data"]["object"]["orderId"]  # type: ignore[index]
         database = f"DATABASE_URL={shlex.quote(plan.database_url)} " if plan.standalone else ""
         lines.append(f"then: {database}{cli} order show {order}")
     return lines

@@ -7,7 +7,6 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Reject, Retry
-from celery.utils.time import get_exponential_backoff_interval
 from celery.worker.request import Request
 
 from models import store
@@ -16,7 +15,8 @@ from models.errors import Deferred, TransientError
 from models.logs import bound
 from models.messages import APPLY_TASK, RECONCILE_TASK, SWEEP_TASK
 from worker import processing
-from worker.app import MAX_RETRY_COUNTDOWN_S, app, settings
+from worker.app import app, settings
+from worker.policy import retry_countdown
 from worker.publish import republish
 from worker.reconcile import TASK_SOFT_TIME_LIMIT_S, TASK_TIME_LIMIT_S, run_scheduled
 
@@ -26,7 +26,7 @@ SWEEP_BATCH = 500
 log = logging.getLogger("refundsync.worker")
 
 
-class PrivateRequest(Request):  # type: ignore[misc]
+class PrivateRequest(Request):
     """A task request that shows monitors its labels only.
 
     Flower's worker page asks workers for their reserved and scheduled tasks, which Celery
@@ -103,12 +103,15 @@ def _retry(task: Task[Any, Any], exc: Exception, *, counted: bool, event_id: str
             return processing.fail(settings, event_id, reason).outcome or "failed"
         except TransientError:
             pass  # not even the failure can be recorded: keep retrying, never drop it
-    countdown = get_exponential_backoff_interval(
-        factor=1, retries=request.retries, maximum=MAX_RETRY_COUNTDOWN_S, full_jitter=True
-    )
+    countdown = retry_countdown(exc, request.retries)
     log.info(
         "event.retry",
-        extra={"retries": request.retries, "countdown_s": round(countdown, 1), "error": str(exc)},
+        extra={
+            "event_id": event_id,
+            "retries": request.retries,
+            "countdown_s": round(countdown, 1),
+            "error": str(exc),
+        },
     )
     try:
         retry = task.retry(

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, text
 
-from tests import support
+from tests import deadlines, support
 from tests.conftest import Stack
 
 
@@ -118,7 +118,7 @@ def test_two_copies_wait_on_the_event_row_then_one_applies(stack: Stack) -> None
     def counted() -> bool:
         return bool(stack.api(f"/events/{event['id']}").json()["deliveries"] == 3)
 
-    support.wait_for(counted, timeout=30, what="3 deliveries")
+    support.wait_for(counted, timeout=deadlines.APPLY_S, what="3 deliveries")
     assert _history(stack, event["id"]) == 1
     assert stack.api(f"/orders/{order_id}").json()["pendingRefundAmount"] == "20.00"
 

@@ -27,7 +27,7 @@ import pytest
 from _pytest.mark import ParameterSet
 from sqlalchemy import text
 
-from tests import support
+from tests import deadlines, support
 from tests.conftest import Stack
 
 # --- building blocks ---------------------------------------------------------------------
@@ -817,12 +817,14 @@ def run(stack: Stack) -> Run:
         return len(rows) == len(reused) and all(r["deliveries"] >= 2 for r in rows)
 
     try:
-        support.wait_finished(stack.engine, accepted, timeout=60)
+        support.wait_finished(stack.engine, accepted, timeout=deadlines.APPLY_S)
     except TimeoutError as exc:
         # Each case then says whether it is the one left behind.
         result.wait_error = str(exc)
     try:
-        support.wait_for(second_copies_counted, timeout=30, what="second copies of reused ids")
+        support.wait_for(
+            second_copies_counted, timeout=deadlines.APPLY_S, what="second copies of reused ids"
+        )
     except TimeoutError as exc:
         result.wait_error = f"{result.wait_error or ''} {exc}".strip()
     result.outcomes = support.outcomes(stack.engine, accepted)

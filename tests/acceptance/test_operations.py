@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests import support
+from tests import deadlines, support
 
 EMAIL = "jane.doe+refund@example.com"
 STREET = "221B Baker Street"
@@ -105,7 +105,9 @@ def observed(database: support.Database) -> Iterator[Observed]:
         ingest = support.Process("ingest", ["ingest", "--port", str(port), "--workers", "2"], env)
         processes.append(ingest)
         base = f"http://127.0.0.1:{port}"
-        support.wait_for(lambda: _up(f"{base}/healthz"), timeout=30, what="ingest")
+        support.wait_for(
+            lambda: _up(f"{base}/healthz"), timeout=deadlines.PROCESS_START_S, what="ingest"
+        )
         metrics_port = support.free_port()
         worker = support.Process(
             "worker-ops",
@@ -113,7 +115,7 @@ def observed(database: support.Database) -> Iterator[Observed]:
             {**env, "REFUNDSYNC_METRICS_ADDR": f"127.0.0.1:{metrics_port}"},
         )
         processes.append(worker)
-        worker.wait_for_log("ready.", timeout=60)
+        worker.wait_for_log("ready.", timeout=deadlines.PROCESS_START_S)
         flower_port = support.free_port()
         flower = support.Process(
             "flower",
@@ -132,7 +134,11 @@ def observed(database: support.Database) -> Iterator[Observed]:
         )
         processes.append(flower)
         flower_base = f"http://127.0.0.1:{flower_port}"
-        support.wait_for(lambda: _up(f"{flower_base}/healthcheck"), timeout=30, what="flower")
+        support.wait_for(
+            lambda: _up(f"{flower_base}/healthcheck"),
+            timeout=deadlines.PROCESS_START_S,
+            what="flower",
+        )
         order_id = f"ord-{uuid.uuid4().hex[:10]}"
         events = _events(order_id)
         for event in events:

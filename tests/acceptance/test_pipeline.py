@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from tests import eventgen, support
+from tests import deadlines, eventgen, support
 from tests.conftest import Stack
 
 # DR's published examples, in the order of the order's life (the files are numbered).
@@ -102,7 +102,7 @@ def test_same_event_delivered_five_times_concurrently_is_applied_once(stack: Sta
         record = _record(stack, event["id"])
         return record if record["deliveries"] == 5 and record["outcome"] != "queued" else None
 
-    record = support.wait_for(all_copies_counted, timeout=60, what="5 deliveries")
+    record = support.wait_for(all_copies_counted, timeout=deadlines.APPLY_S, what="5 deliveries")
     assert record["outcome"] == "applied"
     assert _history_rows(stack, event["id"]) == 1
     assert stack.api(f"/orders/{order_id}").json()["pendingRefundAmount"] == "10.00"
@@ -144,7 +144,7 @@ def test_500_events_for_50_orders_each_sent_3_times_in_random_order_converge(sta
     assert codes == [202] * len(deliveries)
 
     ids = [event["id"] for event in events]
-    found = support.wait_finished(stack.engine, ids, timeout=240)
+    found = support.wait_finished(stack.engine, ids, timeout=deadlines.BACKLOG_S)
     assert "failed" not in found.values()
 
     def copies_counted() -> bool:
@@ -159,7 +159,7 @@ def test_500_events_for_50_orders_each_sent_3_times_in_random_order_converge(sta
                 is True
             )
 
-    support.wait_for(copies_counted, timeout=60, what="3 deliveries each")
+    support.wait_for(copies_counted, timeout=deadlines.APPLY_S, what="3 deliveries each")
     expected = eventgen.expected_summaries(events)
     for order_id, summary in expected.items():
         actual = stack.api(f"/orders/{order_id}").json()

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from models.rules import HANDLED_EVENTS
-from tests import eventgen, support
+from tests import deadlines, eventgen, support
 from tests.conftest import Stack
 from tests.fake_dr import API_KEY, NORMAL, FakeDR, malformed, server_error, slow, too_many
 from worker.dr_api import (
@@ -189,7 +189,7 @@ def test_events_accepted_then_flushed_from_the_broker_are_all_applied_by_one_run
         pages = math.ceil(len(handled) / 100)
         assert summary["api_calls"] == str(29 + pages) == str(len(fake.event_requests()))
 
-        support.wait_finished(engine, ids, timeout=120)
+        support.wait_finished(engine, ids, timeout=deadlines.APPLY_S)
         result = support.tally(engine, ids)
         assert (result.lost, result.doubled, result.failed) == (0, 0, 0)
         rows = _rows(engine, ids)
@@ -268,7 +268,9 @@ def test_beat_reconciles_on_its_interval_when_a_key_is_set(
         beat = support.Process("beat", ["beat", "--schedule", str(tmp_path / "schedule")], env)
         processes.append(beat)
         beat.wait_for_log("reconcile.enabled")
-        found = support.wait_finished(engine, [e["id"] for e in _handled(events)], timeout=60)
+        found = support.wait_finished(
+            engine, [e["id"] for e in _handled(events)], timeout=deadlines.APPLY_S
+        )
         assert set(found.values()) <= {"applied", "stale", "ignored"}
         assert "reconcile.enabled" in worker.log()
         assert "reconcile.published" in worker.log()

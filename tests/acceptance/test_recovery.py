@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from tests import support
+from tests import deadlines, support
 from tests.conftest import Stack
 
 
@@ -86,7 +86,7 @@ def test_sweeper_republishes_an_event_whose_message_was_lost(stack: Stack, tmp_p
         {**stack.env, "REFUNDSYNC_SWEEP_INTERVAL_SECONDS": "1"},
     )
     try:
-        assert support.wait_finished(stack.engine, [event["id"]], timeout=60) == {
+        assert support.wait_finished(stack.engine, [event["id"]], timeout=deadlines.APPLY_S) == {
             event["id"]: "applied"
         }
     finally:
@@ -180,7 +180,7 @@ def test_worker_started_before_migrate_keeps_events_until_the_schema_exists(tmp_
         event["data"]["object"]["reason"] = "jane@example.com at 221B Baker Street"
         support.publish_all(redis.url, [json.dumps(event).encode()])
         worker = support.start_worker(env, "early")
-        worker.wait_for_log("event.retry", timeout=60)
+        worker.wait_for_log("event.retry", timeout=deadlines.PROCESS_START_S)
         scheduled = subprocess.run(
             [
                 sys.executable,
@@ -203,7 +203,8 @@ def test_worker_started_before_migrate_keeps_events_until_the_schema_exists(tmp_
         assert "jane@example.com" not in scheduled.stdout
         assert "Baker Street" not in scheduled.stdout
         upgrade(database.url)
-        assert support.wait_finished(engine, [event["id"]], timeout=120) == {event["id"]: "applied"}
+        found = support.wait_finished(engine, [event["id"]], timeout=deadlines.RECOVERY_S)
+        assert found == {event["id"]: "applied"}
         assert "jane@example.com" not in worker.log()
     finally:
         if worker:
@@ -227,7 +228,7 @@ def test_transient_errors_past_the_retry_limit_fail_the_event_with_the_last_erro
             # The order stays locked past every lock timeout of every attempt.
             holder.execute(text("INSERT INTO orders (id) VALUES (:id)"), {"id": order_id})
             support.publish_all(redis.url, [json.dumps(event).encode()])
-            found = support.wait_finished(stack.engine, [event["id"]], timeout=90)
+            found = support.wait_finished(stack.engine, [event["id"]], timeout=deadlines.RECOVERY_S)
             holder.rollback()
         assert found == {event["id"]: "failed"}
         error = _row(stack, event["id"]).error

@@ -25,7 +25,7 @@ import pytest
 from sqlalchemy import Engine
 
 from models.migrate import upgrade
-from tests import eventgen, support
+from tests import deadlines, eventgen, support
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def _check(
     events: list[dict[str, Any]],
     scenario: str,
     recovery_s: float | None = None,
-    timeout: float = 300,
+    timeout: float = deadlines.BACKLOG_S,
 ) -> support.Tally:
     ids = [str(event["id"]) for event in events]
     support.wait_finished(rig.engine, ids, timeout=timeout)
@@ -112,6 +112,7 @@ def _pool_children(process: support.Process) -> list[int]:
     return [int(pid) for pid in out.stdout.split()]
 
 
+@pytest.mark.timeout(2 * deadlines.BACKLOG_S)
 def test_pool_processes_sigkilled_every_half_second(rig: Rig) -> None:
     # Enough events for a drain of well over 5 kills: each kill takes down the up to
     # BATCH_LIMIT messages its process was applying together (worker.batching).
@@ -135,14 +136,16 @@ def test_pool_processes_sigkilled_every_half_second(rig: Rig) -> None:
     _check(rig, events, "pool-sigkill-every-0.5s")
 
 
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(deadlines.APPLY_S + deadlines.RECOVERY_S)
 def test_whole_worker_sigkilled_holding_messages_recovers_within_5_minutes(rig: Rig) -> None:
     events = _events(2, 100, 10, "wk")
     support.publish_all(rig.redis.url, [json.dumps(e).encode() for e in events])
     doomed = rig.worker("doomed", 2)
     ids = [str(e["id"]) for e in events]
     support.wait_for(
-        lambda: len(support.outcomes(rig.engine, ids)) >= 50, timeout=60, what="progress"
+        lambda: len(support.outcomes(rig.engine, ids)) >= 50,
+        timeout=deadlines.APPLY_S,
+        what="progress",
     )
     # Killed while both pool processes are inside a task (held on a lock the test takes)
     # and the main process holds its full prefetch: every message it holds is then one
@@ -160,19 +163,22 @@ def test_whole_worker_sigkilled_holding_messages_recovers_within_5_minutes(rig: 
                 ).fetchone()
             return bool(waiting and waiting[0] >= 2)
 
-        support.wait_for(both_waiting, timeout=30, what="both pool processes in a task")
+        support.wait_for(
+            both_waiting, timeout=deadlines.APPLY_S, what="both pool processes in a task"
+        )
         held = int(rig.redis.cli("HLEN", "unacked"))
         os.killpg(doomed.proc.pid, signal.SIGKILL)
         died = time.monotonic()
         blocker.rollback()
     assert held >= 1, "the worker held no unacknowledged message when it died"
     rig.worker("fresh", 2)
-    support.wait_finished(rig.engine, ids, timeout=300)
+    support.wait_finished(rig.engine, ids, timeout=deadlines.RECOVERY_S)
     recovery = time.monotonic() - died
     assert recovery < 300
     _check(rig, events, "whole-worker-sigkill", recovery)
 
 
+@pytest.mark.timeout(deadlines.APPLY_S + deadlines.RECOVERY_S + deadlines.BACKLOG_S)
 def test_postgres_stopped_for_20_seconds_mid_run(
     rig: Rig, cluster: support.PostgresCluster
 ) -> None:
@@ -181,17 +187,20 @@ def test_postgres_stopped_for_20_seconds_mid_run(
     rig.worker("pg", 2)
     ids = [str(e["id"]) for e in events]
     support.wait_for(
-        lambda: len(support.outcomes(rig.engine, ids)) >= 300, timeout=60, what="progress"
+        lambda: len(support.outcomes(rig.engine, ids)) >= 300,
+        timeout=deadlines.APPLY_S,
+        what="progress",
     )
     rig.engine.dispose()
     cluster.stop()
     time.sleep(20)
     cluster.start()
     restarted = time.monotonic()
-    support.wait_finished(rig.engine, ids, timeout=300)
+    support.wait_finished(rig.engine, ids, timeout=deadlines.RECOVERY_S)
     _check(rig, events, "postgres-down-20s", time.monotonic() - restarted)
 
 
+@pytest.mark.timeout(deadlines.APPLY_S + deadlines.RECOVERY_S)
 def test_redis_restarted_mid_run_ingest_503s_and_sender_retries(rig: Rig) -> None:
     events = _events(4, 100, 10, "rd")
     ingest, base = support.start_ingest(rig.env)
@@ -234,19 +243,24 @@ def test_redis_restarted_mid_run_ingest_503s_and_sender_retries(rig: Rig) -> Non
     threads = [threading.Thread(target=sender) for _ in range(8)]
     for thread in threads:
         thread.start()
-    support.wait_for(lambda: sent >= 300, timeout=60, what="300 events sent")
+    support.wait_for(lambda: sent >= 300, timeout=deadlines.APPLY_S, what="300 events sent")
     rig.redis.cli("SHUTDOWN")  # saves the AOF
-    support.wait_for(lambda: not rig.redis.ping(), timeout=10, what="redis down")
+    support.wait_for(
+        lambda: not rig.redis.ping(), timeout=deadlines.LOCAL_PROCESS_S, what="redis down"
+    )
     time.sleep(5)
     rig.redis.start()
     back = time.monotonic()
     for thread in threads:
-        thread.join(timeout=120)
+        thread.join(timeout=deadlines.APPLY_S)
+    assert not any(thread.is_alive() for thread in threads), "a sender never got its 202"
     assert refused >= 1, "the ingest never answered 503 while Redis was down"
     # Time for a message held when Redis stopped to come back through the restore scan (the
-    # 120 s visibility timeout and the 10 s scan of worker/app.py, and a minute), and inside
-    # the test's own timeout, so a miss reports which events never finished.
-    _check(rig, events, "redis-restart-aof", time.monotonic() - back, timeout=190)
+    # visibility timeout, the restore scan and a task's time limit), and inside the test's
+    # own timeout, so a miss reports which events never finished.
+    _check(
+        rig, events, "redis-restart-aof", time.monotonic() - back, timeout=deadlines.REDELIVERY_S
+    )
 
 
 def test_poison_event_is_quarantined_and_others_flow(rig: Rig) -> None:
@@ -271,7 +285,7 @@ def test_poison_event_is_quarantined_and_others_flow(rig: Rig) -> None:
     bodies.insert(len(bodies) // 2, json.dumps(poison).encode())
     support.publish_all(rig.redis.url, bodies)
     rig.worker("po", 2, "--include", "tests.faults.poison", REFUNDSYNC_MAX_ATTEMPTS="3")
-    assert support.wait_finished(rig.engine, [poison["id"]], timeout=120) == {
+    assert support.wait_finished(rig.engine, [poison["id"]], timeout=deadlines.APPLY_S) == {
         poison["id"]: "failed"
     }
     _check(rig, events, "poison-event")

@@ -18,7 +18,7 @@ import pytest
 import redis as redis_client
 from sqlalchemy import Engine, text
 
-from tests import eventgen, support
+from tests import deadlines, eventgen, support
 from tests.integration.test_task_events import EventTap
 
 
@@ -99,7 +99,7 @@ def test_a_burst_is_applied_together_as_it_would_be_alone(rig: Rig) -> None:
     rig.worker("bt", 2)
     special = [invalid["id"], unhandled["id"], refused["id"]]
     ids = [str(event["id"]) for event in valid]
-    outcomes = support.wait_finished(rig.engine, ids + special, timeout=120)
+    outcomes = support.wait_finished(rig.engine, ids + special, timeout=deadlines.APPLY_S)
 
     assert {outcomes[i] for i in ids} <= {"applied", "stale", "ignored"}
     assert outcomes[invalid["id"]] == "failed"
@@ -151,13 +151,13 @@ def test_a_warm_shutdown_mid_burst_leaves_every_waiting_message_on_the_queue(
         worker = rig.worker("bs1", 2)
         support.wait_for(
             lambda: _waiting_on_locks(rig.db_url) >= 2,
-            timeout=30,
+            timeout=deadlines.APPLY_S,
             what="both pool processes inside a job",
         )
         # Celery's warm shutdown: the worker takes no more messages; those waiting go
         # back to the queue, then the jobs in the pool finish (once the lock is gone).
         os.kill(worker.proc.pid, signal.SIGTERM)
-        worker.wait_for_log('"batch.handed_back"', timeout=30)
+        worker.wait_for_log('"batch.handed_back"', timeout=deadlines.APPLY_S)
     worker.proc.wait(timeout=60)
     worker.stop()
     assert int(rig.redis.cli("HLEN", "unacked")) == 0
@@ -167,7 +167,7 @@ def test_a_warm_shutdown_mid_burst_leaves_every_waiting_message_on_the_queue(
 
     worker = rig.worker("bs2", 2)
     # Well inside the visibility timeout: nothing waits for it to come back.
-    support.wait_finished(rig.engine, ids, timeout=60)
+    support.wait_finished(rig.engine, ids, timeout=deadlines.ONE_TASK_S)
     tally = support.tally(rig.engine, ids)
     assert (tally.lost, tally.doubled, tally.failed) == (0, 0, 0)
     lost = _lost_attempts(rig.engine, ids)
@@ -233,7 +233,7 @@ def test_a_job_past_its_budget_hands_back_the_rest_untried(rig: Rig) -> None:
             blocker.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
             worker = rig.worker("bd", 1)
             worker.wait_for_log("not tried: the messages sent with it took too long", 90)
-        tries = support.wait_finished(rig.engine, ids, timeout=120)
+        tries = support.wait_finished(rig.engine, ids, timeout=deadlines.APPLY_S)
         # A message handed back untried comes again under its task id with its retries
         # as they were: a deferral spends none of the event's retry budget.
         received: dict[str, list[int]] = {}
@@ -286,13 +286,13 @@ def test_terminating_one_task_puts_the_others_of_its_job_back(rig: Rig) -> None:
             active[:] = support.python_json(_ACTIVE, rig.env)
             return len(active) > 1
 
-        support.wait_for(together, timeout=30, what="a job of several tasks running")
+        support.wait_for(together, timeout=deadlines.APPLY_S, what="a job of several tasks running")
         victim = active[0]
         assert support.python_json(_TERMINATE.replace("sys.argv[1]", repr(victim)), rig.env)
         # The job's process is gone: no task of the job is running any more.
         support.wait_for(
             lambda: victim not in support.python_json(_ACTIVE, rig.env),
-            timeout=30,
+            timeout=deadlines.ONE_TASK_S,
             what="the job terminated",
         )
 
@@ -300,7 +300,7 @@ def test_terminating_one_task_puts_the_others_of_its_job_back(rig: Rig) -> None:
     def all_but_one() -> bool:
         return len(_finished(rig.engine, ids)) >= len(ids) - 1
 
-    support.wait_for(all_but_one, timeout=120, what="every other event finished")
+    support.wait_for(all_but_one, timeout=deadlines.APPLY_S, what="every other event finished")
     finished = _finished(rig.engine, ids)
     assert len(finished) == len(ids) - 1
     tally = support.tally(rig.engine, finished)

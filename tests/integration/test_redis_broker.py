@@ -13,7 +13,7 @@ import pytest
 from kombu.connection import Connection
 from kombu.transport import TRANSPORT_ALIASES
 
-from tests import support
+from tests import deadlines, support
 from worker import redis_broker
 
 
@@ -28,13 +28,15 @@ def _registered(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_message_taken_when_redis_stopped_goes_back_marked_redelivered() -> None:
     server = support.RedisServer(appendonly=True).start()
     try:
-        with Connection(server.url) as connection:  # type: ignore[no-untyped-call]
+        with Connection(server.url) as connection:
             assert isinstance(connection.transport, redis_broker.Transport)
             connection.SimpleQueue("q").put({"n": 1})
             channel = connection.channel()
             message = channel.Message(channel._get("q"), channel=channel)
             server.cli("SHUTDOWN")  # with its append-only file, so the queue survives
-            support.wait_for(lambda: not server.ping(), timeout=10, what="redis down")
+            support.wait_for(
+                lambda: not server.ping(), timeout=deadlines.LOCAL_PROCESS_S, what="redis down"
+            )
             with pytest.raises(channel.connection_errors):
                 channel.qos.append(message, message.delivery_tag)
         assert redis_broker._stranded
@@ -43,7 +45,7 @@ def test_a_message_taken_when_redis_stopped_goes_back_marked_redelivered() -> No
         # In no Redis key: without the worker it would be gone.
         assert server.cli("LLEN", "q") == "0"
         assert server.cli("HLEN", "unacked") == "0"
-        with Connection(server.url) as connection:  # type: ignore[no-untyped-call]
+        with Connection(server.url) as connection:
             again = connection.SimpleQueue("q").get(timeout=5)
             assert again.payload == {"n": 1}
             assert again.delivery_info["redelivered"] is True
@@ -57,7 +59,7 @@ def test_a_message_taken_when_redis_stopped_goes_back_marked_redelivered() -> No
 def test_an_acknowledgement_after_the_connection_was_dropped_is_logged_not_fatal() -> None:
     server = support.RedisServer(appendonly=True).start()
     try:
-        connection: Any = Connection(server.url)  # type: ignore[no-untyped-call]
+        connection: Any = Connection(server.url)
         connection.SimpleQueue("q").put({"n": 1})
         channel = connection.channel()
         message = channel.Message(channel._get("q"), channel=channel)
@@ -66,7 +68,9 @@ def test_an_acknowledgement_after_the_connection_was_dropped_is_logged_not_fatal
         # that was running acknowledges afterwards, through the channel it came on.
         errors = connection.connection_errors + connection.channel_errors
         server.cli("SHUTDOWN")
-        support.wait_for(lambda: not server.ping(), timeout=10, what="redis down")
+        support.wait_for(
+            lambda: not server.ping(), timeout=deadlines.LOCAL_PROCESS_S, what="redis down"
+        )
         connection.collect()
         # Closing the channel may fail halfway with Redis gone; a worker caught it once its
         # pools were released, so the acknowledgement has to make a new Redis client.
@@ -90,7 +94,7 @@ def test_an_acknowledgement_after_the_connection_was_dropped_is_logged_not_fatal
 def test_one_command_client_per_connection_pool() -> None:
     server = support.RedisServer().start()
     try:
-        with Connection(server.url) as connection:  # type: ignore[no-untyped-call]
+        with Connection(server.url) as connection:
             channel = connection.channel()
             with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
                 assert first is second

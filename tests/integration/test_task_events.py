@@ -12,7 +12,7 @@ from typing import Any
 
 import redis as redis_client
 
-from tests import eventgen, support
+from tests import deadlines, eventgen, support
 from worker.consumer import EVENT_FLUSH_S
 
 # Celery's own limit: a buffer this full is published at once.
@@ -24,7 +24,7 @@ class EventTap(threading.Thread):
 
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
-        self.pubsub = redis_client.Redis.from_url(url).pubsub()  # type: ignore[no-untyped-call]
+        self.pubsub = redis_client.Redis.from_url(url).pubsub()
         self.pubsub.psubscribe("*celeryev*")
         self.publishes: list[tuple[float, list[dict[str, Any]]]] = []
         self.halt = threading.Event()
@@ -53,7 +53,9 @@ def _task_ids(tap: EventTap, kind: str = "task-succeeded") -> set[str]:
 
 def _wait(tap: EventTap, count: int) -> None:
     support.wait_for(
-        lambda: len(_task_ids(tap)) >= count, timeout=30, what=f"{count} task-succeeded events"
+        lambda: len(_task_ids(tap)) >= count,
+        timeout=deadlines.APPLY_S,
+        what=f"{count} task-succeeded events",
     )
 
 

@@ -7,7 +7,7 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -150,8 +150,10 @@ def _no_signature_segment() -> tuple[bytes, dict[str, str]]:
         "timestamp_without_signature",
     ],
 )
-def test_bad_signature_is_401_and_nothing_is_queued(empty_queue: BareIngest, make: object) -> None:
-    body, headers = make()  # type: ignore[operator]
+def test_bad_signature_is_401_and_nothing_is_queued(
+    empty_queue: BareIngest, make: Callable[[], tuple[bytes, dict[str, str]]]
+) -> None:
+    body, headers = make()
     response = empty_queue.post(body, headers)
     assert response.status_code == 401
     assert response.json()["error"] == "invalid_signature"

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from kombu.connection import Connection
 
+from tests import deadlines
 from worker.broker import broker_url, prepare
 
 _TAKE_AND_DIE = """
@@ -47,7 +48,7 @@ def _rows(url: str) -> list[tuple[int, int]]:
 
 def test_a_message_held_by_a_dead_worker_comes_back_marked_redelivered(url: str) -> None:
     assert prepare(url, "q") == 0
-    with Connection(url) as connection:  # type: ignore[no-untyped-call]
+    with Connection(url) as connection:
         connection.SimpleQueue("q").put({"n": 1})
     # A consumer that takes the message and dies: no ack, no orderly restore.
     taker = subprocess.run(
@@ -62,8 +63,8 @@ def test_a_message_held_by_a_dead_worker_comes_back_marked_redelivered(url: str)
     assert [visible for _, visible in _rows(url)] == [0]
 
     assert prepare(url, "q") == 1
-    with Connection(url) as connection:  # type: ignore[no-untyped-call]
-        again = connection.SimpleQueue("q").get(timeout=5)
+    with Connection(url) as connection:
+        again = connection.SimpleQueue("q").get(timeout=deadlines.LOCAL_PROCESS_S)
         assert again.payload == {"n": 1}
         assert again.delivery_info["redelivered"] is True
         again.ack()
@@ -72,16 +73,16 @@ def test_a_message_held_by_a_dead_worker_comes_back_marked_redelivered(url: str)
 
 def test_acknowledged_and_rejected_messages_leave_the_file(url: str) -> None:
     prepare(url, "q")
-    with Connection(url) as connection:  # type: ignore[no-untyped-call]
+    with Connection(url) as connection:
         queue = connection.SimpleQueue("q")
         for n in range(3):
             queue.put({"n": n})
-        queue.get(timeout=5).ack()
-        queue.get(timeout=5).reject()
-        requeued = queue.get(timeout=5)
+        queue.get(timeout=deadlines.LOCAL_PROCESS_S).ack()
+        queue.get(timeout=deadlines.LOCAL_PROCESS_S).reject()
+        requeued = queue.get(timeout=deadlines.LOCAL_PROCESS_S)
         requeued.requeue()
         assert [visible for _, visible in _rows(url)] == [1]
-        back = queue.get(timeout=5)
+        back = queue.get(timeout=deadlines.LOCAL_PROCESS_S)
         assert back.payload == {"n": 2}
         assert back.delivery_info["redelivered"] is True
         back.ack()
@@ -93,7 +94,7 @@ def test_a_poll_that_finds_the_file_locked_is_empty_and_the_next_one_works(url: 
     path = url.split(":///", 1)[1]
     # SQLite's busy timeout (1 s here) runs out while another process holds the write lock.
     options = {"connect_args": {"timeout": 1}}
-    with Connection(url, transport_options=options) as connection:  # type: ignore[no-untyped-call]
+    with Connection(url, transport_options=options) as connection:
         connection.SimpleQueue("q").put({"n": 1})
         channel = connection.channel()
         holder = sqlite3.connect(path, isolation_level=None)
@@ -115,7 +116,7 @@ def test_messages_acknowledged_from_another_thread_while_polling_all_leave_the_f
     # polls in its main thread and acknowledges from the pool's result thread, at once.
     prepare(url, "q")
     count = 300
-    with Connection(url) as connection:  # type: ignore[no-untyped-call]
+    with Connection(url) as connection:
         queue = connection.SimpleQueue("q")
         for n in range(count):
             queue.put({"n": n})
@@ -133,9 +134,10 @@ def test_messages_acknowledged_from_another_thread_while_polling_all_leave_the_f
         acker.start()
         try:
             for _ in range(count):
-                taken.put(queue.get(timeout=10))
+                taken.put(queue.get(timeout=deadlines.LOCAL_PROCESS_S))
         finally:
             taken.put(None)
-            acker.join(timeout=120)
+            acker.join(timeout=deadlines.APPLY_S)
+    assert not acker.is_alive(), "acknowledging stopped"
     assert failures == []
     assert _rows(url) == []

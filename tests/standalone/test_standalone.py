@@ -3,6 +3,7 @@ files in its data directory, through real subprocesses."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -13,7 +14,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests import eventgen, support
+from tests import deadlines, eventgen, support
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,7 +91,7 @@ class Standalone:
         self.base = f"http://127.0.0.1:{self.port}"
         self.run: Run | None = None
 
-    def start(self, timeout: float = 60) -> Standalone:
+    def start(self, timeout: float = deadlines.PROCESS_START_S) -> Standalone:
         command = [sys.executable, "-m", "worker.cli", "run", "--port", str(self.port)]
         command += ["--data-dir", str(self.data_dir), "--dev-secret"]
         self.run = Run(command, _env(REFUNDSYNC_API_TOKEN=support.API_TOKEN), cwd=ROOT)
@@ -121,7 +121,9 @@ class Standalone:
             ).fetchall()
         return dict(rows)
 
-    def wait_finished(self, ids: list[str], timeout: float = 300) -> dict[str, str]:
+    def wait_finished(
+        self, ids: list[str], timeout: float = deadlines.STANDALONE_APPLY_S
+    ) -> dict[str, str]:
         def done() -> dict[str, str] | None:
             found = self.outcomes(ids)
             finished = len(found) == len(set(ids)) and "queued" not in found.values()
@@ -201,7 +203,12 @@ def test_signed_webhooks_apply_with_duplicates_and_out_of_order_delivery(
         records = [standalone.api(f"/events/{event_id}").json() for event_id in ids]
         return {record["deliveries"] for record in records} == {2}
 
-    support.wait_for(both_copies_counted, timeout=60, interval=0.5, what="2 deliveries each")
+    support.wait_for(
+        both_copies_counted,
+        timeout=deadlines.STANDALONE_APPLY_S,
+        interval=0.5,
+        what="2 deliveries each",
+    )
 
 
 def test_the_printed_lines_send_the_example_and_read_its_order(standalone: Standalone) -> None:
@@ -259,8 +266,14 @@ def test_a_bad_signature_is_refused_and_nothing_is_queued(standalone: Standalone
     assert response.json()["error"]
     ready = standalone.api("/readyz")
     assert ready.status_code == 200, ready.text
-    time.sleep(1)
-    assert standalone.outcomes([json.loads(body)["id"]]) == {}
+    # A signed event sent after it is applied; the refused one is nowhere, in the queue or
+    # in the database (the one worker takes messages in the order they were queued).
+    later = _refund("sa-y", "re_y", "refund.pending", "pending", "2024-05-14T10:00:00Z")
+    assert standalone.post(json.dumps(later).encode()) == 202
+    standalone.wait_finished([later["id"]])
+    refused_id = json.loads(body)["id"]
+    assert standalone.outcomes([refused_id]) == {}
+    assert not any(refused_id in payload for payload in _broker_payloads(standalone.data_dir))
 
 
 def _queue_without_worker(data_dir: Path, bodies: list[bytes], secret: str) -> None:
@@ -273,7 +286,7 @@ def _queue_without_worker(data_dir: Path, bodies: list[bytes], secret: str) -> N
     )
     ingest = Run([sys.executable, "-m", "worker.cli", "ingest", "--port", str(port)], env, ROOT)
     try:
-        ingest.wait_for_line("Uvicorn running", timeout=30)
+        ingest.wait_for_line("Uvicorn running", timeout=deadlines.PROCESS_START_S)
         for body in bodies:
             headers = support.signed_headers(body, secret=secret)
             url = f"http://127.0.0.1:{port}/webhooks/digital-river"
@@ -281,6 +294,20 @@ def _queue_without_worker(data_dir: Path, bodies: list[bytes], secret: str) -> N
     finally:
         ingest.stop()
         ingest.log_path.unlink(missing_ok=True)
+
+
+def _broker_payloads(data_dir: Path) -> list[str]:
+    """The task arguments of every message in the broker file, decoded."""
+    with sqlite3.connect(data_dir / "broker.db", timeout=30) as conn:
+        rows = conn.execute("SELECT payload FROM kombu_message").fetchall()
+    bodies = []
+    for (payload,) in rows:
+        message = json.loads(payload)
+        body = message["body"]
+        if message["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body).decode()
+        bodies.append(body)
+    return bodies
 
 
 def _broker_messages(data_dir: Path) -> list[tuple[int, int]]:
@@ -307,6 +334,8 @@ def test_restart_on_the_same_data_dir_keeps_state_and_queued_events(data_dir: Pa
     _queue_without_worker(data_dir, [json.dumps(e).encode() for e in (complete, other)], secret)
     queued = _broker_messages(data_dir)
     assert len(queued) == 2
+    payloads = _broker_payloads(data_dir)
+    assert [any(e["id"] in p for p in payloads) for e in (complete, other)] == [True, True]
     with sqlite3.connect(data_dir / "broker.db") as conn:
         conn.execute("UPDATE kombu_message SET visible = 0 WHERE id = ?", (queued[0][0],))
 
@@ -322,7 +351,11 @@ def test_restart_on_the_same_data_dir_keeps_state_and_queued_events(data_dir: Pa
         assert [r["state"] for r in summary["refunds"]] == ["succeeded"]
         assert second.api(f"/events/{pending['id']}").json()["outcome"] == "applied"
         # Settled messages leave the broker file.
-        support.wait_for(lambda: _broker_messages(data_dir) == [], timeout=30, what="acks")
+        support.wait_for(
+            lambda: _broker_messages(data_dir) == [],
+            timeout=deadlines.STANDALONE_APPLY_S,
+            what="acks",
+        )
     finally:
         second.stop()
 
@@ -333,7 +366,7 @@ def test_a_worker_that_stops_on_its_own_stops_the_rest_and_fails(data_dir: Path)
     run = service.run
     try:
         # Once Celery has its signal handlers: a worker still starting would die of SIGTERM.
-        run.wait_for_line(r"refundsync@\S+ ready\.", timeout=60)
+        run.wait_for_line(r"refundsync@\S+ ready\.", timeout=deadlines.PROCESS_START_S)
         found = subprocess.run(
             ["pgrep", "-P", str(run.proc.pid), "-f", "worker.cli worker"],
             capture_output=True,
@@ -416,7 +449,7 @@ def test_the_readme_run_command_serves_a_signed_webhook_in_a_fresh_directory() -
     run = Run(["bash", "-c", command], env, cwd=checkout)
     try:
         secret = run.wait_for_line(r"development webhook secret (\S+)", timeout=480).group(1)
-        run.wait_for_line(r"refundsync order show", timeout=60)
+        run.wait_for_line(r"refundsync order show", timeout=deadlines.PROCESS_START_S)
         body = support.load_fixture("dr_examples/04_refund_complete.json")
         headers = support.signed_headers(body, secret=secret)
         url = f"http://127.0.0.1:{port}/webhooks/digital-river"
@@ -432,7 +465,9 @@ def test_the_readme_run_command_serves_a_signed_webhook_in_a_fresh_directory() -
             return row is not None and row[0] == "applied"
 
         try:
-            support.wait_for(applied, timeout=60, what="the example event applied")
+            support.wait_for(
+                applied, timeout=deadlines.STANDALONE_APPLY_S, what="the example event applied"
+            )
         except TimeoutError:
             raise AssertionError(run.log()[-6000:]) from None
     finally:

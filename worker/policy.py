@@ -1,0 +1,49 @@
+"""Delivery timing: how long a task may run, when a message a dead worker held comes back,
+and how long an event waits before its next attempt. Import-safe (nothing runs here), so
+tests derive their deadlines from the same numbers the workers use."""
+
+from __future__ import annotations
+
+from celery.utils.time import get_exponential_backoff_interval
+
+from models.db import SQLITE_BUSY_TIMEOUT_S
+from models.errors import DatabaseBusy
+
+__all__ = [
+    "BATCH_LIMIT",
+    "MAX_RETRY_COUNTDOWN_S",
+    "RESTORE_SCAN_S",
+    "SQLITE_BUSY_TIMEOUT_S",
+    "TASK_TIME_LIMIT_S",
+    "VISIBILITY_TIMEOUT_S",
+    "retry_countdown",
+]
+
+# A message a dead worker held is restored to the queue once it has been unacknowledged
+# this long. Together with the restore scan below, a lost worker's events are back within
+# about VISIBILITY_TIMEOUT_S + RESTORE_SCAN_S, well under the 5 minutes the design promises.
+VISIBILITY_TIMEOUT_S = 120
+# kombu scans for such messages every `unacked_restore_interval` seconds, but by default
+# only on every 10th tick (100 s); scanning on every tick costs one ZRANGE per 10 s.
+RESTORE_SCAN_S = 10
+# Every task is far inside the visibility timeout: statements and lock waits are bounded
+# (models.db) and this hard limit kills anything else.
+TASK_TIME_LIMIT_S = 60
+# At most this many messages go to a pool process as one job (worker.batching).
+BATCH_LIMIT = 8
+# Retry countdowns wait in the worker while their message counts as unacknowledged, so the
+# longest one must stay below the visibility timeout or the message would be run twice.
+MAX_RETRY_COUNTDOWN_S = 60
+
+
+def retry_countdown(exc: Exception, retries: int) -> float:
+    """Seconds before attempt `retries + 1`: an exponential backoff with full jitter, for a
+    database that is gone or overloaded; none after a busy SQLite database, whose busy
+    timeout was already the wait (another writer held it, and nothing is gone)."""
+    if isinstance(exc, DatabaseBusy):
+        return 0.0
+    return float(
+        get_exponential_backoff_interval(
+            factor=1, retries=retries, maximum=MAX_RETRY_COUNTDOWN_S, full_jitter=True
+        )
+    )
