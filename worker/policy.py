@@ -6,14 +6,12 @@ from __future__ import annotations
 
 from celery.utils.time import get_exponential_backoff_interval
 
-from models.db import SQLITE_BUSY_TIMEOUT_S
 from models.errors import DatabaseBusy
 
 __all__ = [
     "BATCH_LIMIT",
     "MAX_RETRY_COUNTDOWN_S",
     "RESTORE_SCAN_S",
-    "SQLITE_BUSY_TIMEOUT_S",
     "TASK_TIME_LIMIT_S",
     "VISIBILITY_TIMEOUT_S",
     "retry_countdown",
