@@ -106,9 +106,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     bodies = event_bodies(args.events, args.orders)
-    kinds: dict[str, tuple[Callable[[str], None], list[str]]] = {
-        "refundsync": (lambda url: support.publish_all(url, bodies), []),
-        "celery no-op": (lambda url: publish_noop(url, bodies), NOOP_ARGS),
+    kinds: dict[str, tuple[Callable[[str, str], None], list[str]]] = {
+        "refundsync": (lambda url, db_url: support.publish_all(url, db_url, bodies), []),
+        "celery no-op": (lambda url, _: publish_noop(url, bodies), NOOP_ARGS),
     }
     results: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
     for run in range(args.runs):
@@ -117,7 +117,7 @@ def main() -> None:
             redis = support.RedisServer().start()
             try:
                 upgrade(db.url)
-                publish(redis.url)
+                publish(redis.url, db.url)
                 env = support.service_env(db.url, redis.url, REFUNDSYNC_MAX_RETRIES="100")
                 figures = _window(env, redis, args.concurrency, extra, args.window)
             finally:

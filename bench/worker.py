@@ -166,7 +166,7 @@ def _refundsync(
         _preload(db.url, preload_events, preload_orders)
     env = support.service_env(db.url, redis.url, REFUNDSYNC_MAX_RETRIES="100")
     published = datetime.now(UTC)
-    support.publish_all(redis.url, bodies)
+    support.publish_all(redis.url, db.url, bodies)
     engine = support.engine_for(db.url)
 
     def finished() -> bool:

@@ -18,11 +18,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ingest import reads, webhook
 from ingest.metrics import StateCollector, exposition
-from ingest.publish import BrokerUnavailable, EventQueue, event_queue
+from ingest.publish import BrokerUnavailable, EventQueue, event_queue, signing_key
 from ingest.reads import ReadDatabase
 from ingest.responses import error, ok
-from models import logs
+from models import logs, trust
 from models.settings import Settings, load_or_exit
+from models.trust import QueueKeys
 
 log = logging.getLogger("refundsync.ingest")
 
@@ -72,7 +73,9 @@ class _WebhookFirst:
 
 def create_app(settings: Settings) -> ASGIApp:
     """The app for `settings`; the webhook route needs a secret and a broker URL."""
-    publisher = event_queue(settings.redis_url or "", settings.queue)
+    read_db = ReadDatabase(settings.database_url or "")
+    keys = QueueKeys(lambda: read_db.query(trust.load_keys))
+    publisher = event_queue(settings.redis_url or "", settings.queue, keys)
     endpoint = webhook.WebhookEndpoint(settings, publisher)
 
     @asynccontextmanager
@@ -85,6 +88,12 @@ def create_app(settings: Settings) -> ASGIApp:
                 "read_api": "on" if settings.api_token else "off",
             },
         )
+        try:
+            # Read now rather than by the first webhook; if the database is not there yet,
+            # the first webhook tries again (and is answered 503 until it can).
+            await signing_key(keys)
+        except BrokerUnavailable as exc:
+            log.warning("ingest.queue_key_unavailable", extra={"error": str(exc)})
         # Start-up objects are never collected: frozen, full collections skip them instead
         # of pausing every request for tens of milliseconds to walk them.
         gc.freeze()
@@ -107,7 +116,7 @@ def create_app(settings: Settings) -> ASGIApp:
     )
     app.state.settings = settings
     app.state.publisher = publisher
-    app.state.db = ReadDatabase(settings.database_url or "")
+    app.state.db = read_db
     app.state.metrics = StateCollector(app.state.db.engine)
     return _WebhookFirst(app, endpoint)
 

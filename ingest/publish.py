@@ -28,7 +28,8 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from models.errors import RefundSyncError
-from models.messages import APPLY_TASK, apply_options
+from models.messages import APPLY_TASK, apply_args, apply_options
+from models.trust import QueueKeys
 from worker.broker import is_standalone
 
 # DR gives up on a delivery after 3 s; a broker that has not answered in 2 s is treated as
@@ -56,18 +57,32 @@ class EventQueue(Protocol):
         """Release broker connections."""
 
 
-def event_queue(broker_url: str, queue: str) -> EventQueue:
-    """The publisher for this broker: Redis, or the standalone mode's SQLite file."""
+def event_queue(broker_url: str, queue: str, keys: QueueKeys) -> EventQueue:
+    """The publisher for this broker: Redis, or the standalone mode's SQLite file. Messages
+    are sealed with `keys` (models.messages)."""
     if is_standalone(broker_url):
-        return CeleryPublisher(queue)
-    return Publisher(broker_url, queue)
+        return CeleryPublisher(queue, keys)
+    return Publisher(broker_url, queue, keys)
+
+
+async def signing_key(keys: QueueKeys) -> bytes:
+    """The key that seals new messages: read from the database once, within
+    BROKER_TIMEOUT_S; raises BrokerUnavailable if it cannot be read."""
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(keys.signing_key), BROKER_TIMEOUT_S)
+    except TimeoutError:
+        raise BrokerUnavailable("the queue key could not be read in time") from None
+    except (SQLAlchemyError, RefundSyncError) as exc:
+        raise BrokerUnavailable(f"the queue key cannot be read: {type(exc).__name__}") from exc
 
 
 class Publisher:
     """Sends raw events to the worker queue. Publishing returns once Redis has the message."""
 
-    def __init__(self, redis_url: str, queue: str) -> None:
+    def __init__(self, redis_url: str, queue: str, keys: QueueKeys) -> None:
         self.queue = queue
+        self._keys = keys
+        self._key: bytes | None = None
         # Only builds the message template; never connects.
         celery = Celery("refundsync-ingest", set_as_current=False)
         celery.conf.update(broker_url=redis_url, task_serializer="json")
@@ -86,12 +101,16 @@ class Publisher:
             health_check_interval=30,
         )
 
-    def message(self, body: str, event_id: str, event_type: str, received_at: str) -> bytes:
-        """The Redis list entry kombu's Redis transport would write for this task."""
+    def message(
+        self, key: bytes, body: str, event_id: str, event_type: str, received_at: str
+    ) -> bytes:
+        """The Redis list entry kombu's Redis transport would write for this task, sealed
+        with `key`."""
         task_id = str(uuid.uuid4())
         labels = apply_options(event_id, event_type)
         headers = {**self._headers, **labels, "id": task_id, "root_id": task_id}
-        payload = orjson.dumps([[body, received_at, "webhook"], {}, self._embed])
+        args = apply_args(key, body, received_at, "webhook")
+        payload = orjson.dumps([args, {}, self._embed])
         properties: dict[str, Any] = {
             **self._properties,
             **labels,
@@ -113,12 +132,25 @@ class Publisher:
         return orjson.dumps(envelope)
 
     async def publish(self, body: str, event_id: str, event_type: str, received_at: str) -> None:
-        """Queue one event; raise BrokerUnavailable if Redis did not take it."""
+        """Queue one event; raise BrokerUnavailable if Redis did not take it within
+        BROKER_TIMEOUT_S of the call."""
+        if self._key is None:
+            self._key = await signing_key(self._keys)
+        message = self.message(self._key, body, event_id, event_type, received_at)
         taken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((self.message(body, event_id, event_type, received_at), taken))
+        self._waiting.append((message, taken))
         if self._pusher is None or self._pusher.done():
             self._pusher = asyncio.create_task(self._push())
-        await taken
+        try:
+            # The deadline is this request's own: behind a push that hangs, a request would
+            # otherwise wait out that push's socket timeout and then its own.
+            await asyncio.wait_for(asyncio.shield(taken), BROKER_TIMEOUT_S)
+        except TimeoutError:
+            # Not pushed yet: it never will be, the sender gets a 503 and DR sends it again.
+            # Already in a push that Redis completes late: a second copy, which the workers
+            # deduplicate.
+            self._waiting = [(m, waiter) for m, waiter in self._waiting if waiter is not taken]
+            raise BrokerUnavailable(f"the broker did not answer in {BROKER_TIMEOUT_S} s") from None
 
     async def _push(self) -> None:
         """Push everything waiting, batch after batch, one LPUSH in flight at a time."""
@@ -166,18 +198,20 @@ class CeleryPublisher:
     message as the Redis publisher's, which the tests check on both.
     """
 
-    def __init__(self, queue: str) -> None:
+    def __init__(self, queue: str, keys: QueueKeys) -> None:
         from worker.app import app
 
         self.queue = queue
+        self._keys = keys
         self._app = app
         self._lock = threading.Lock()
 
     def _send(self, body: str, event_id: str, event_type: str, received_at: str) -> None:
+        key = self._keys.signing_key()
         with self._lock:
             self._app.send_task(
                 APPLY_TASK,
-                args=[body, received_at, "webhook"],
+                args=apply_args(key, body, received_at, "webhook"),
                 queue=self.queue,
                 **apply_options(event_id, event_type),
             )
@@ -188,10 +222,13 @@ class CeleryPublisher:
             return int(declared.message_count)
 
     async def publish(self, body: str, event_id: str, event_type: str, received_at: str) -> None:
-        """Queue one event; raise BrokerUnavailable if the broker did not take it."""
+        """Queue one event; raise BrokerUnavailable if the broker did not take it.
+
+        Not bounded by BROKER_TIMEOUT_S: the SQLite file is local, and a writer waits for
+        another's lock rather than for a network."""
         try:
             await asyncio.to_thread(self._send, body, event_id, event_type, received_at)
-        except (KombuError, SQLAlchemyError, OSError) as exc:
+        except (KombuError, SQLAlchemyError, RefundSyncError, OSError) as exc:
             raise BrokerUnavailable(f"broker unavailable: {type(exc).__name__}") from exc
 
     async def queue_depth(self) -> int:

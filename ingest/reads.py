@@ -4,10 +4,11 @@ read-only queries."""
 from __future__ import annotations
 
 import hmac
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DataError, SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -16,10 +17,13 @@ from ingest.publish import BrokerUnavailable, EventQueue
 from ingest.responses import error, ok
 from models import store
 from models.db import make_engine
+from models.payloads import could_be_stored_id
 from models.rules import Outcome
 from models.settings import Settings
 
 MAX_LIMIT = 1000
+
+T = TypeVar("T")
 
 
 class ReadDatabase:
@@ -34,6 +38,11 @@ class ReadDatabase:
         if self._engine is None:
             self._engine = make_engine(self._url, pool_size=4, read_only=True)
         return self._engine
+
+    def query(self, fn: Callable[[Connection], T]) -> T:
+        """`fn` on a connection of its own (blocking)."""
+        with self.engine().connect() as conn:
+            return fn(conn)
 
     def dispose(self) -> None:
         if self._engine is not None:
@@ -64,6 +73,14 @@ async def _query(request: Request, fn: Any, *args: Any, **kwargs: Any) -> Any:
     return await run_in_threadpool(run)
 
 
+def _database_error(exc: SQLAlchemyError) -> Response:
+    """503 when the database is out of reach; 400 when it refused what was asked (a value
+    it cannot take), which no retry would change."""
+    if isinstance(exc, DataError):
+        return error(400, "invalid_request", "the database refused a value of the request")
+    return error(503, "database_unavailable", "the database is unreachable")
+
+
 def _unauthorized() -> Response:
     return error(
         401,
@@ -78,10 +95,12 @@ async def get_order(request: Request) -> Response:
     if not _authorized(request):
         return _unauthorized()
     order_id = request.path_params["order_id"]
+    if not could_be_stored_id(order_id):
+        return error(404, "not_found", "unknown order")
     try:
         summary = await _query(request, store.order_summary, order_id)
-    except SQLAlchemyError:
-        return error(503, "database_unavailable", "the database is unreachable")
+    except SQLAlchemyError as exc:
+        return _database_error(exc)
     if summary is None:
         return error(404, "not_found", "unknown order")
     return ok(summary)
@@ -91,10 +110,13 @@ async def get_event(request: Request) -> Response:
     """`GET /events/{eventId}`: the event's processing record."""
     if not _authorized(request):
         return _unauthorized()
+    event_id = request.path_params["event_id"]
+    if not could_be_stored_id(event_id):
+        return error(404, "not_found", "unknown event")
     try:
-        record = await _query(request, store.event_record, request.path_params["event_id"])
-    except SQLAlchemyError:
-        return error(503, "database_unavailable", "the database is unreachable")
+        record = await _query(request, store.event_record, event_id)
+    except SQLAlchemyError as exc:
+        return _database_error(exc)
     if record is None:
         return error(404, "not_found", "unknown event")
     return ok(record)
@@ -109,13 +131,14 @@ async def list_events(request: Request) -> Response:
         allowed = ", ".join(o.value for o in Outcome)
         return error(400, "invalid_outcome", f"outcome must be one of {allowed}")
     raw_limit = request.query_params.get("limit", "100")
-    valid = raw_limit.isascii() and raw_limit.isdecimal()
+    # The length first: int() refuses strings of thousands of digits with a ValueError.
+    valid = len(raw_limit) <= 4 and raw_limit.isascii() and raw_limit.isdecimal()
     if not valid or not 1 <= int(raw_limit) <= MAX_LIMIT:
         return error(400, "invalid_limit", f"limit must be an integer from 1 to {MAX_LIMIT}")
     try:
         records = await _query(request, store.event_records, outcome=outcome, limit=int(raw_limit))
-    except SQLAlchemyError:
-        return error(503, "database_unavailable", "the database is unreachable")
+    except SQLAlchemyError as exc:
+        return _database_error(exc)
     return ok(records)
 
 

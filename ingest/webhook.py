@@ -6,7 +6,6 @@ It never touches Postgres and never parses more than the envelope's id and type.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 from ingest import metrics
 from ingest.publish import BrokerUnavailable, EventQueue
 from ingest.signature import HEADER, SignatureError, verify
-from models.payloads import load_json
+from models.payloads import load_json, usable_text
 from models.settings import Settings
 
 log = logging.getLogger("refundsync.ingest")
@@ -62,24 +61,6 @@ def _is_json(content_type: bytes) -> bool:
     return media_type == b"application/json" or (
         media_type.startswith(b"application/") and media_type.endswith(b"+json")
     )
-
-
-# Characters an event id or type must not hold: control characters (Postgres text cannot
-# store NUL; the others would forge log lines) and unpaired surrogates (not encodable as
-# UTF-8, so neither storable nor echoable in the 202 answer). Queued anyway, such an event
-# could never be recorded by a worker: it would vanish after a 202.
-_UNUSABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
-
-
-def _text(value: object) -> str | None:
-    if (
-        isinstance(value, str)
-        and value.strip()
-        and len(value) <= 255
-        and not _UNUSABLE.search(value)
-    ):
-        return value
-    return None
 
 
 @dataclass(frozen=True)
@@ -158,7 +139,7 @@ class WebhookEndpoint:
             return _error(400, "invalid_json", "body is not valid UTF-8 JSON")
         if not isinstance(event, dict):
             return _error(400, "invalid_event", "body must be a JSON object")
-        event_id, event_type = _text(event.get("id")), _text(event.get("type"))
+        event_id, event_type = usable_text(event.get("id")), usable_text(event.get("type"))
         if event_id is None or event_type is None:
             return _error(
                 400,

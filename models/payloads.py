@@ -8,6 +8,7 @@ currency's minor unit once the currency is known.
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -34,6 +35,33 @@ from models.money import MAX_AMOUNT, check_currency, to_minor_unit
 # headroom, which differs between the ingest and a worker (so the ingest could accept
 # with 202 a body that no worker can read, and the event would vanish).
 MAX_JSON_DEPTH = 100
+
+# Characters an event id or type must not hold: control characters (Postgres text cannot
+# store NUL; the others would forge log lines) and unpaired surrogates (not encodable as
+# UTF-8, so neither storable nor echoable in an answer). Queued anyway, such an event could
+# never be recorded by a worker: it would vanish after a 202.
+_UNUSABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+# Nor can a stored id of any kind (order, refund) hold these.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def usable_text(value: object) -> str | None:
+    """`value` if it can be an event's id or type: a non-blank string of at most 255
+    characters with no control characters; else None."""
+    if (
+        isinstance(value, str)
+        and value.strip()
+        and len(value) <= 255
+        and not _UNUSABLE.search(value)
+    ):
+        return value
+    return None
+
+
+def could_be_stored_id(value: str) -> bool:
+    """Whether an id asked for (an order's, an event's) could be one that is stored: ids
+    are 1-255 characters, and the database holds no NUL or unpaired surrogate."""
+    return 0 < len(value) <= 255 and not _UNSTORABLE.search(value)
 
 
 def _utc_instant(value: datetime) -> datetime:

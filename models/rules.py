@@ -199,10 +199,18 @@ class Decision:
         return Outcome.APPLIED if self.changes else Outcome.STALE
 
 
+def ignored_type(event_type: str) -> Ignore | None:
+    """Why an event of this type is ignored whatever it holds; None for a handled type."""
+    if event_type not in HANDLED_EVENTS:
+        return Ignore(f"event type {event_type} is not handled")
+    return None
+
+
 def interpret(envelope: Envelope, live_mode: LiveMode) -> Plan | Ignore:
     """Read an event into a Plan, or say why it is ignored. Raises InvalidEvent."""
-    if envelope.type not in HANDLED_EVENTS:
-        return Ignore(f"event type {envelope.type} is not handled")
+    unhandled = ignored_type(envelope.type)
+    if unhandled is not None:
+        return unhandled
     if live_mode != "any" and envelope.liveMode is not (live_mode == "live"):
         return Ignore(f"liveMode={envelope.liveMode} filtered by DR_LIVE_MODE={live_mode}")
     obj = envelope.data.object

@@ -95,6 +95,13 @@ class StoredEvent:
         stored = json.loads(self.payload)
         return isinstance(stored, dict) and stored.get("unstorable") is True
 
+    @property
+    def stored_error(self) -> str:
+        """Why the database refused the payload, for a stand-in; else empty."""
+        stored = json.loads(self.payload)
+        error = stored.get("error") if isinstance(stored, dict) else None
+        return error if self.unstorable and isinstance(error, str) else ""
+
 
 def _insert(dialect: str, table: Table) -> postgresql.Insert:
     """The dialect's INSERT, the one with ON CONFLICT (Postgres and SQLite spell it alike)."""

@@ -213,3 +213,24 @@ reconcile_checkpoints = Table(
     Column("updated_at", Instant(), nullable=False, server_default=func.now()),
     comment="createdTime up to which DR's Events API has been listed and published",
 )
+
+queue_keys = Table(
+    "queue_keys",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("secret", Text, nullable=False, comment="hex of 32 random bytes"),
+    Column("created_at", Instant(), nullable=False, server_default=func.now()),
+    comment="HMAC keys of queue message seals: the newest seals, every one verifies",
+)
+
+refused_messages = Table(
+    "refused_messages",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), Identity(), primary_key=True),
+    Column("refused_at", Instant(), nullable=False, server_default=func.now()),
+    Column("event_id", Text, comment="as the message claims it; not trusted"),
+    Column("event_type", Text, comment="as the message claims it; not trusted"),
+    Column("source", Text, comment="as the message claims it; not trusted"),
+    Column("reason", Text, nullable=False),
+    comment="events.apply messages not sealed by refundsync: never applied",
+)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,7 +25,9 @@ import psycopg
 from sqlalchemy import Engine, text
 
 from ingest.signature import sign
+from models import trust
 from models.db import make_engine
+from models.trust import QueueKeys
 from tests import deadlines
 
 SECRET = "whsec_test_primary"
@@ -110,6 +113,11 @@ class RedisServer:
         if out.stdout.startswith("Could not connect"):
             raise subprocess.CalledProcessError(1, "redis-cli")
         return out.stdout.strip()
+
+    def pid(self) -> int:
+        found = re.search(r"process_id:(\d+)", self.cli("INFO", "server"))
+        assert found, "redis INFO names no process id"
+        return int(found.group(1))
 
     def stop(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
@@ -397,15 +405,34 @@ class PostgresCluster:
         )
 
 
-def publish_all(redis_url: str, bodies: list[bytes]) -> None:
-    """Queue raw events the way the ingest does (same publisher, same message)."""
+def queue_keys(db_url: str) -> QueueKeys:
+    """The queue keys of the database at `db_url`, as a refundsync process reads them."""
+
+    def load() -> list[bytes]:
+        engine = engine_for(db_url)
+        try:
+            with engine.connect() as conn:
+                return trust.load_keys(conn)
+        finally:
+            engine.dispose()
+
+    return QueueKeys(load)
+
+
+def publish_all(
+    redis_url: str, db_url: str, bodies: list[bytes], *, key: bytes | None = None
+) -> None:
+    """Queue raw events the way the ingest does (same publisher, same sealed message),
+    sealed with the database's key, or with `key`."""
     import asyncio
     from datetime import UTC, datetime
 
     from ingest.publish import Publisher
 
+    keys = queue_keys(db_url) if key is None else QueueKeys(lambda: [key])
+
     async def publish() -> None:
-        publisher = Publisher(redis_url, "refundsync")
+        publisher = Publisher(redis_url, "refundsync", keys)
         try:
             for body in bodies:
                 event = json.loads(body)

@@ -67,8 +67,55 @@ def _exit_normally(signum: int, _: FrameType | None) -> NoReturn:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
-def ingest(host: str, port: int, workers: int) -> None:
-    import uvicorn
+@click.option(
+    "--max-header-bytes",
+    default=16 * 1024,
+    show_default=True,
+    type=click.IntRange(1024, 1024 * 1024),
+    help="Largest request line and headers; larger ones get 431 and the connection closes.",
+)
+@click.option(
+    "--header-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 3600),
+    help="Seconds a request's line and headers may take to arrive (from the connection's "
+    "start or the request's first byte); then 408 and the connection closes.",
+)
+@click.option(
+    "--body-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 3600),
+    help="Seconds a request's body may take to arrive after its headers; then 408 and the "
+    "connection closes.",
+)
+@click.option(
+    "--keep-alive-timeout",
+    default=5,
+    show_default=True,
+    type=click.IntRange(1, 3600),
+    help="Seconds an idle connection is kept open between requests.",
+)
+@click.option(
+    "--limit-concurrency",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(1, 1_000_000),
+    help="Open connections or running requests per worker process beyond which requests "
+    "get 503 with Retry-After.",
+)
+def ingest(
+    host: str,
+    port: int,
+    workers: int,
+    max_header_bytes: int,
+    header_timeout: float,
+    body_timeout: float,
+    keep_alive_timeout: int,
+    limit_concurrency: int,
+) -> None:
+    from ingest.server import Limits, serve
 
     _settings("REDIS_URL", "DATABASE_URL", "DR_WEBHOOK_SECRETS")
     share_metrics_between_processes()
@@ -77,17 +124,14 @@ def ingest(host: str, port: int, workers: int) -> None:
     # metrics directory's removal) still run.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _exit_normally)
-    uvicorn.run(
-        "ingest.app:app",
-        host=host,
-        port=port,
-        workers=workers,
-        server_header=False,
-        log_level="info",
-        access_log=False,
-        # Keep refundsync's JSON logging instead of uvicorn's own format.
-        log_config=None,
+    limits = Limits(
+        max_header_bytes=max_header_bytes,
+        header_timeout_s=header_timeout,
+        body_timeout_s=body_timeout,
+        keep_alive_timeout_s=keep_alive_timeout,
+        limit_concurrency=limit_concurrency,
     )
+    serve("ingest.app:app", host=host, port=port, workers=workers, limits=limits)
 
 
 @main.command(
@@ -263,6 +307,17 @@ def events_failed(limit: int) -> None:
     _print_json(_read(store.event_records, outcome="failed", limit=limit))
 
 
+@events.command(
+    "refused",
+    help="List queue messages refused as not sealed by refundsync (never applied), newest first.",
+)
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10_000))
+def events_refused(limit: int) -> None:
+    from models import trust
+
+    _print_json(_read(trust.refusals, limit))
+
+
 @events.command("replay", help="Publish stored events again: the given ids, or every failed one.")
 @click.argument("event_ids", nargs=-1)
 @click.option("--failed", "all_failed", is_flag=True, help="Replay every failed event.")
@@ -291,6 +346,19 @@ def _preview(found: list[Any]) -> None:
 
     settings = _settings("DATABASE_URL")
     for event in found:
+        if event.unstorable:
+            # Only a stand-in was kept: applying it would say nothing about the event.
+            _print_json(
+                {
+                    "id": event.id,
+                    "type": event.type,
+                    "outcome": None,
+                    "reason": "not replayable: the database refused its payload "
+                    f"({event.stored_error}); only DR can send it again",
+                    "changes": [],
+                }
+            )
+            continue
         try:
             result = processing.preview(settings, event)
         except (SQLAlchemyError, RefundSyncError) as exc:
@@ -508,13 +576,38 @@ def _iso(value: datetime | None) -> str | None:
     return iso(value)
 
 
-@main.command(help="Print a DigitalRiver-Signature header value for a payload file.")
-@click.option("--secret", required=True, help="A webhook signing secret.")
+@main.command(
+    help="Print a DigitalRiver-Signature header value for a payload file, signed with "
+    "--secret, --secret-file, or else the first of DR_WEBHOOK_SECRETS."
+)
+@click.option(
+    "--secret",
+    default=None,
+    help="A webhook signing secret. Other users can read it in `ps`: prefer --secret-file "
+    "or DR_WEBHOOK_SECRETS.",
+)
+@click.option(
+    "--secret-file",
+    type=click.File("r"),
+    default=None,
+    help="A file whose first line is the secret ('-' for standard input).",
+)
 @click.option("--timestamp", type=int, default=None, help="Unix seconds (default: now).")
 @click.argument("file", type=click.File("rb"))
-def sign(secret: str, timestamp: int | None, file: Any) -> None:
+def sign(secret: str | None, secret_file: Any, timestamp: int | None, file: Any) -> None:
     from ingest.signature import sign as make_signature
 
+    if secret is not None and secret_file is not None:
+        raise click.UsageError("give --secret or --secret-file, not both")
+    if secret_file is not None:
+        secret = (secret_file.readline() or "").strip()
+        if not secret:
+            _fail("the secret file is empty")
+    if secret is None:
+        configured = _settings().secrets()
+        if not configured:
+            _fail("no secret: give --secret-file, or set DR_WEBHOOK_SECRETS")
+        secret = configured[0]
     click.echo(make_signature(secret, file.read(), timestamp))
 
 

@@ -18,6 +18,10 @@ EVENTS = Counter(
     "Event copies processed, by type and outcome (duplicate: already finished)",
     ["type", "outcome"],
 )
+REFUSED = Counter(
+    "refundsync_messages_refused_total",
+    "events.apply messages refused, never applied: not sealed by refundsync",
+)
 _AGE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600, 86400)
 APPLY_AGE = Histogram(
     "refundsync_event_apply_age_seconds",

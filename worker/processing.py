@@ -20,11 +20,11 @@ from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import Connection, Engine
 from sqlalchemy import exc as sa_exc
 
-from models import store
+from models import store, trust
 from models.db import autocommit, is_sqlite, make_engine, transaction
-from models.errors import Deferred, InvalidEvent, PermanentError, TransientError
+from models.errors import ConfigError, Deferred, InvalidEvent, PermanentError, TransientError
 from models.logs import bound
-from models.payloads import Envelope, Instant, as_utc, load_json
+from models.payloads import Envelope, Instant, as_utc, load_json, usable_text
 from models.rules import (
     FINAL_OUTCOMES,
     Change,
@@ -35,9 +35,11 @@ from models.rules import (
     Outcome,
     Plan,
     apply,
+    ignored_type,
     interpret,
 )
 from models.settings import Settings, load_settings
+from models.trust import QueueKeys
 from worker import metrics
 from worker.errors import classify
 
@@ -77,16 +79,18 @@ class Result:
     changes: tuple[Change, ...] = ()
     event_type: str | None = None
     order_id: str | None = None
+    # Not sealed by refundsync: never applied, and recorded apart from the events.
+    refused: bool = False
 
 
 def header_of(data: Any) -> store.EventHeader:
     """The fields needed to record an event at all; anything less is unrecordable."""
     if not isinstance(data, dict):
         raise InvalidEvent("event is not a JSON object")
-    event_id, event_type = data.get("id"), data.get("type")
-    if not isinstance(event_id, str) or not event_id or len(event_id) > 255:
+    event_id, event_type = usable_text(data.get("id")), usable_text(data.get("type"))
+    if event_id is None:
         raise InvalidEvent("event has no usable string id")
-    if not isinstance(event_type, str) or not event_type or len(event_type) > 255:
+    if event_type is None:
         raise InvalidEvent("event has no usable string type")
     live = data.get("liveMode")
     created: datetime | None
@@ -121,6 +125,9 @@ class Copy:
     new_copy: bool
     # The message came back unacknowledged: an earlier attempt died with its worker.
     redelivered: bool = False
+    # The message's seal, and `received_at` as the message wrote it (what the seal covers).
+    seal: object = None
+    received_text: str = ""
 
 
 def copy_of(
@@ -128,6 +135,7 @@ def copy_of(
     body: str,
     received_at: str,
     source: str = "webhook",
+    seal: object = None,
     counted: bool = False,
 ) -> Copy:
     """The copy an events.apply message carries: its delivery info and the task's arguments.
@@ -142,7 +150,69 @@ def copy_of(
         # A retry or a redelivery of this same message is not another copy from DR.
         new_copy=not counted and not redelivered,
         redelivered=redelivered,
+        seal=seal,
+        received_text=received_at,
     )
+
+
+_keys: QueueKeys | None = None
+
+
+def queue_keys(settings: Settings) -> QueueKeys:
+    """This process's queue keys, read from the database on first use."""
+    global _keys
+    if _keys is None:
+
+        def load() -> list[bytes]:
+            with engine(settings).connect() as conn:
+                return trust.load_keys(conn)
+
+        _keys = QueueKeys(load)
+    return _keys
+
+
+def trusted(settings: Settings, copy: Copy) -> bool:
+    """Whether the copy's message was sealed by refundsync (ingest, reconciliation, replay,
+    sweeper). Raises TransientError if the keys cannot be read."""
+    arguments = (copy.body, copy.received_text, copy.source)
+    if not all(isinstance(argument, str) for argument in arguments):
+        return False
+    keys = queue_keys(settings)
+    try:
+        return _db(lambda: keys.verifies(copy.seal, *arguments))
+    except ConfigError as exc:
+        # Not migrated yet: nothing is refused or applied until it is.
+        raise TransientError(str(exc)) from exc
+
+
+def refuse(settings: Settings, copy: Copy) -> Result:
+    """Record a message that is not sealed by refundsync, and apply nothing of it.
+
+    Kept apart from the events: recorded under its event id, a forged copy would stand in
+    for the real event, which DR's own copy would then find already finished."""
+    claimed_id = claimed_type = None
+    try:
+        data = load_json(copy.body) if isinstance(copy.body, str) else None
+    except (ValueError, RecursionError):
+        data = None
+    if isinstance(data, dict):
+        claimed_id, claimed_type = usable_text(data.get("id")), usable_text(data.get("type"))
+    reason = "not sealed by refundsync" if copy.seal is None else "its seal does not verify"
+    source = copy.source if isinstance(copy.source, str) else repr(copy.source)
+
+    def record() -> None:
+        with transaction(engine(settings)) as conn:
+            trust.record_refusal(
+                conn, event_id=claimed_id, event_type=claimed_type, source=source, reason=reason
+            )
+
+    _db(record)
+    log.warning(
+        "message.refused",
+        extra={"event_id": claimed_id, "event_type": claimed_type, "reason": reason},
+    )
+    metrics.REFUSED.inc()
+    return Result(None, None, reason=reason, refused=True)
 
 
 def _parse_time(value: str) -> datetime:
@@ -172,6 +242,8 @@ def process(settings: Settings, copy: Copy) -> Result:
     """Apply one copy of an event. Raises TransientError when it should be tried again."""
     if _deferred is not None:
         raise Deferred(_deferred)
+    if not trusted(settings, copy):
+        return refuse(settings, copy)
     try:
         data = load_json(copy.body)
         header = header_of(data)
@@ -326,6 +398,11 @@ def process_together(
         copy, labels = item
         if copy.redelivered:
             continue  # its attempt must count on its own first (_process_copy)
+        try:
+            if not trusted(settings, copy):
+                continue  # refused, and recorded as such, by `process`
+        except TransientError:
+            return [None] * len(copies)
         try:
             data = load_json(copy.body)
             header = header_of(data)
@@ -526,6 +603,14 @@ def _apply_in(conn: Connection, settings: Settings, event_id: str, data: Any) ->
 
 def _interpret(settings: Settings, data: Any) -> tuple[Envelope, Plan | Ignore]:
     """The event validated, and what it means (pure): raises InvalidEvent."""
+    # An unhandled type is ignored whatever else the event holds: its envelope is DR's
+    # business, and a failure would page an operator for an event nobody needs.
+    event_type = data.get("type") if isinstance(data, dict) else None
+    unhandled = ignored_type(event_type) if isinstance(event_type, str) else None
+    if unhandled is not None:
+        # Nothing else of it is read: an Ignore needs only the envelope's id and type.
+        known: dict[str, Any] = {"id": data.get("id"), "type": event_type}
+        return Envelope.model_construct(**known), unhandled
     try:
         envelope = Envelope.model_validate(data)
     except ValidationError as exc:

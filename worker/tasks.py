@@ -45,20 +45,23 @@ def apply_event(
     body: str,
     received_at: str,
     source: str = "webhook",
+    seal: object = None,
     counted: bool = False,
 ) -> str:
     """Apply one DR event (the raw webhook body) and return its outcome.
 
-    `counted` is set on retries of a copy already counted in `deliveries`.
+    `seal` proves the message came from refundsync (models.messages); `counted` is set on
+    retries of a copy already counted in `deliveries`.
     """
     with bound(task_id=self.request.id):
-        return _apply_event(self, body, received_at, source, counted)
+        copy = processing.copy_of(
+            self.request.delivery_info, body, received_at, source, seal, counted
+        )
+        return _apply_event(self, copy, counted)
 
 
-def _apply_event(
-    self: Task[Any, Any], body: str, received_at: str, source: str, counted: bool
-) -> str:
-    copy = processing.copy_of(self.request.delivery_info, body, received_at, source, counted)
+def _apply_event(self: Task[Any, Any], copy: processing.Copy, counted: bool) -> str:
+    body = copy.body
     try:
         result = processing.process(settings, copy)
     except Deferred as exc:
@@ -70,6 +73,8 @@ def _apply_event(
         # acknowledged. It is retried like a transient error, and fails after the limit.
         log.exception("event.unexpected_error")
         return _retry(self, exc, counted=counted, event_id=processing.event_id_of(body))
+    if result.refused:
+        return "refused"
     return result.outcome.value if result.outcome else "unrecordable"
 
 

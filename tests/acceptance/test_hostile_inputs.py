@@ -650,6 +650,19 @@ CASES: list[Case] = [
         "ignored",
         reason="no order",
     ),
+    # An unhandled type is ignored whatever else its envelope lacks.
+    hostile(
+        "unhandled-type-with-nothing-but-id-and-type",
+        {"id": f"evt-{_key()}", "type": "foo.bar"},
+        "ignored",
+        reason="not handled",
+    ),
+    hostile(
+        "unhandled-type-with-data-a-string",
+        envelope("invoice.created", None, data="x", createdTime="yesterday"),
+        "ignored",
+        reason="not handled",
+    ),
     hostile(
         "created-time-far-in-the-future",
         envelope("order.accepted", {}, createdTime="9999-12-31T23:59:59Z"),
@@ -668,6 +681,23 @@ CASES: list[Case] = [
 
 # The table, as pytest parameters with readable ids.
 CORPUS: list[ParameterSet] = [pytest.param(case, id=case.name) for case in CASES]
+
+# Hostile reads of the read API (with a valid token): each is answered with a 4xx JSON
+# error, never a 5xx (a 503 would page an operator about a database outage).
+READS: list[ParameterSet] = [
+    pytest.param("/events?limit=" + "9" * 5000, 400, id="limit-of-5000-digits"),
+    pytest.param("/events?limit=-1", 400, id="limit-negative"),
+    pytest.param("/events?limit=%2B5", 400, id="limit-with-a-plus-sign"),
+    pytest.param("/events?limit=1e3", 400, id="limit-in-exponent-form"),
+    pytest.param("/events?outcome=failed%00", 400, id="outcome-with-a-nul"),
+    pytest.param("/orders/a%00b", 404, id="order-id-with-a-nul"),
+    pytest.param("/events/a%00b", 404, id="event-id-with-a-nul"),
+    pytest.param("/orders/%00", 404, id="order-id-only-a-nul"),
+    pytest.param("/orders/" + "x" * 256, 404, id="order-id-of-256-chars"),
+    pytest.param("/events/" + "x" * 5000, 404, id="event-id-of-5000-chars"),
+    pytest.param("/orders/%ED%A0%80", 404, id="order-id-encoded-surrogate"),
+    pytest.param("/orders/%FF%FE", 404, id="order-id-invalid-utf8"),
+]
 
 
 # --- sending and looking ------------------------------------------------------------------
@@ -840,6 +870,7 @@ def run(stack: Stack) -> Run:
 
 def test_corpus_is_big_and_names_are_unique() -> None:
     assert len(CASES) >= 40
+    assert len(READS) >= 10
     assert len({case.name for case in CASES}) == len(CASES)
     ids = [case.recorded_as for case in CASES if case.accepted]
     assert None not in ids
@@ -905,6 +936,15 @@ def test_hostile_input_is_refused_or_recorded_as_failed_or_ignored(
     # mentions any id this case introduced (its event id included).
     assert _domain_rows_with(stack, case.markers) == []
     assert _event_ids_with(stack, case.markers, payload=False) == [event_id]
+
+
+@pytest.mark.parametrize(("path", "expected"), READS)
+def test_hostile_read_is_answered_with_a_json_4xx(stack: Stack, path: str, expected: int) -> None:
+    response = stack.api(path)
+    assert response.status_code == expected, f"{path[:80]}: {response.text[:300]}"
+    assert response.headers["content-type"].startswith("application/json")
+    answer = response.json()
+    assert set(answer) == {"error", "message"}, answer
 
 
 def test_the_bystander_order_did_not_change(stack: Stack, run: Run) -> None:

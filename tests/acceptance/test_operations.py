@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import Engine, text
 
 from tests import deadlines, support
 
@@ -295,3 +296,66 @@ def test_logs_are_json_lines_with_ids_and_no_customer_data(observed: Observed) -
     structured = [line for line in worker_log.splitlines() if line.startswith("{")]
     assert structured
     assert all(json.loads(line)["level"] for line in structured)
+
+
+def _refused(engine: Engine, event_id: str) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT * FROM refused_messages WHERE event_id = :i"), {"i": event_id}
+        )
+        return [dict(row._mapping) for row in rows]
+
+
+@pytest.mark.parametrize(
+    ("route", "seal"),
+    [
+        pytest.param("async-apply", None, id="async-apply-unsealed"),
+        pytest.param("send-task", None, id="send-task-unsealed"),
+        pytest.param("async-apply", "v1=" + "A" * 43 + "=", id="async-apply-forged-seal"),
+    ],
+)
+def test_an_event_sent_through_flower_is_refused_and_recorded_never_applied(
+    observed: Observed, database: support.Database, route: str, seal: str | None
+) -> None:
+    order_id = f"ord-{uuid.uuid4().hex[:10]}"
+    event = _events(order_id)[1]  # refund.complete: would create the order if applied
+    args = [json.dumps(event), "2024-05-14T12:00:00+00:00", "webhook"]
+    if seal is not None:
+        args.append(seal)
+    refused_before = _metric(observed.worker_metrics, "refundsync_messages_refused_total")
+    answer = httpx.post(
+        f"{observed.flower_base}/api/task/{route}/events.apply",
+        json={"args": args},
+        auth=FLOWER_AUTH,
+        timeout=10,
+    )
+    assert answer.status_code == 200, answer.text
+    engine = support.engine_for(database.url)
+    try:
+        support.wait_for(
+            lambda: _refused(engine, event["id"]) != [],
+            timeout=deadlines.ONE_TASK_S,
+            what="the refusal to be recorded",
+        )
+        [refusal] = _refused(engine, event["id"])
+        assert refusal["event_type"] == "refund.complete"
+        assert refusal["reason"] in ("not sealed by refundsync", "its seal does not verify")
+        with engine.connect() as conn:
+            recorded = conn.execute(
+                text("SELECT count(*) FROM webhook_events WHERE id = :i"), {"i": event["id"]}
+            ).scalar_one()
+        assert recorded == 0, "a refused message must not stand in for the real event"
+        assert support.summaries(engine, [order_id]) == {}
+        support.wait_for(
+            lambda: (
+                _metric(observed.worker_metrics, "refundsync_messages_refused_total")
+                > refused_before
+            ),
+            timeout=deadlines.ONE_TASK_S,
+            what="the refusal to be counted",
+        )
+        # DR's own copy of the event, through the ingest, is still applied.
+        assert support.post_event(observed.ingest_base, event).status_code == 202
+        assert support.wait_finished(engine, [event["id"]]) == {event["id"]: "applied"}
+    finally:
+        engine.dispose()

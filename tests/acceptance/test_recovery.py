@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import signal
 import subprocess
 import sys
 import uuid
@@ -110,6 +113,22 @@ def test_replay_dry_run_prints_the_change_and_touches_nothing(stack: Stack) -> N
     assert stack.api(f"/orders/{order_id}").status_code == 404
 
 
+def test_replay_dry_run_of_a_payload_the_database_refused_says_so(stack: Stack) -> None:
+    event = _refund_event(f"ord-{uuid.uuid4().hex[:10]}", "succeeded")
+    event["data"]["object"]["reason"] = "nul \u0000 here"  # valid JSON; JSONB refuses it
+    assert support.post_event(stack.base, event).status_code == 202
+    assert support.wait_finished(stack.engine, [event["id"]]) == {event["id"]: "failed"}
+
+    result = _cli(stack, "events", "replay", "--dry-run", event["id"])
+    assert result.returncode == 0, result.stderr
+    preview = json.loads(result.stdout)
+    assert preview["outcome"] is None
+    assert preview["reason"].startswith("not replayable: the database refused its payload")
+    assert "only DR can send it again" in preview["reason"]
+    assert "Field required" not in preview["reason"]
+    assert preview["changes"] == []
+
+
 def test_replay_failed_applies_what_can_be_applied_and_refails_the_rest(stack: Stack) -> None:
     order_id = f"ord-{uuid.uuid4().hex[:10]}"
     recoverable = _refund_event(order_id, "succeeded")
@@ -178,7 +197,10 @@ def test_worker_started_before_migrate_keeps_events_until_the_schema_exists(tmp_
     try:
         event = _refund_event(f"ord-{uuid.uuid4().hex[:10]}")
         event["data"]["object"]["reason"] = "jane@example.com at 221B Baker Street"
-        support.publish_all(redis.url, [json.dumps(event).encode()])
+        # Sealed with a key of the test's, which it adds once the schema exists: before,
+        # there is no key to seal with.
+        key = secrets.token_bytes(32)
+        support.publish_all(redis.url, database.url, [json.dumps(event).encode()], key=key)
         worker = support.start_worker(env, "early")
         worker.wait_for_log("event.retry", timeout=deadlines.PROCESS_START_S)
         scheduled = subprocess.run(
@@ -202,7 +224,16 @@ def test_worker_started_before_migrate_keeps_events_until_the_schema_exists(tmp_
         assert event["id"] in scheduled.stdout + worker.log()
         assert "jane@example.com" not in scheduled.stdout
         assert "Baker Street" not in scheduled.stdout
-        upgrade(database.url)
+        # The worker is stopped meanwhile, so it finds the schema with the test's key in it.
+        os.killpg(worker.proc.pid, signal.SIGSTOP)
+        try:
+            upgrade(database.url)
+            with engine.begin() as conn:
+                conn.execute(
+                    text("INSERT INTO queue_keys (id, secret) VALUES (2, :s)"), {"s": key.hex()}
+                )
+        finally:
+            os.killpg(worker.proc.pid, signal.SIGCONT)
         found = support.wait_finished(engine, [event["id"]], timeout=deadlines.RECOVERY_S)
         assert found == {event["id"]: "applied"}
         assert "jane@example.com" not in worker.log()
@@ -227,7 +258,7 @@ def test_transient_errors_past_the_retry_limit_fail_the_event_with_the_last_erro
         with stack.engine.connect() as holder:
             # The order stays locked past every lock timeout of every attempt.
             holder.execute(text("INSERT INTO orders (id) VALUES (:id)"), {"id": order_id})
-            support.publish_all(redis.url, [json.dumps(event).encode()])
+            support.publish_all(redis.url, stack.db_url, [json.dumps(event).encode()])
             found = support.wait_finished(stack.engine, [event["id"]], timeout=deadlines.RECOVERY_S)
             holder.rollback()
         assert found == {event["id"]: "failed"}

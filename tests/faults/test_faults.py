@@ -118,7 +118,7 @@ def test_pool_processes_sigkilled_every_half_second(rig: Rig) -> None:
     # BATCH_LIMIT messages its process was applying together (worker.batching).
     events = _events(1, 2000, 10, "pk")
     assert len(events) == 20000
-    support.publish_all(rig.redis.url, [json.dumps(e).encode() for e in events])
+    support.publish_all(rig.redis.url, rig.db_url, [json.dumps(e).encode() for e in events])
     worker = rig.worker("pk", 2)
     ids = [str(e["id"]) for e in events]
     kills = 0
@@ -139,7 +139,7 @@ def test_pool_processes_sigkilled_every_half_second(rig: Rig) -> None:
 @pytest.mark.timeout(deadlines.APPLY_S + deadlines.RECOVERY_S)
 def test_whole_worker_sigkilled_holding_messages_recovers_within_5_minutes(rig: Rig) -> None:
     events = _events(2, 100, 10, "wk")
-    support.publish_all(rig.redis.url, [json.dumps(e).encode() for e in events])
+    support.publish_all(rig.redis.url, rig.db_url, [json.dumps(e).encode() for e in events])
     doomed = rig.worker("doomed", 2)
     ids = [str(e["id"]) for e in events]
     support.wait_for(
@@ -183,7 +183,7 @@ def test_postgres_stopped_for_20_seconds_mid_run(
     rig: Rig, cluster: support.PostgresCluster
 ) -> None:
     events = _events(3, 200, 10, "pg")
-    support.publish_all(rig.redis.url, [json.dumps(e).encode() for e in events])
+    support.publish_all(rig.redis.url, rig.db_url, [json.dumps(e).encode() for e in events])
     rig.worker("pg", 2)
     ids = [str(e["id"]) for e in events]
     support.wait_for(
@@ -283,7 +283,7 @@ def test_poison_event_is_quarantined_and_others_flow(rig: Rig) -> None:
     }
     bodies = [json.dumps(e).encode() for e in events]
     bodies.insert(len(bodies) // 2, json.dumps(poison).encode())
-    support.publish_all(rig.redis.url, bodies)
+    support.publish_all(rig.redis.url, rig.db_url, bodies)
     rig.worker("po", 2, "--include", "tests.faults.poison", REFUNDSYNC_MAX_ATTEMPTS="3")
     assert support.wait_finished(rig.engine, [poison["id"]], timeout=deadlines.APPLY_S) == {
         poison["id"]: "failed"

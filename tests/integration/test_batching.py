@@ -95,7 +95,7 @@ def test_a_burst_is_applied_together_as_it_would_be_alone(rig: Rig) -> None:
             bodies += [json.dumps(e).encode() for e in (invalid, unhandled, refused)]
 
     batch_limit = support.python_json("from worker.app import BATCH_LIMIT as b; print(b)", rig.env)
-    support.publish_all(rig.redis.url, bodies)
+    support.publish_all(rig.redis.url, rig.db_url, bodies)
     rig.worker("bt", 2)
     special = [invalid["id"], unhandled["id"], refused["id"]]
     ids = [str(event["id"]) for event in valid]
@@ -143,7 +143,7 @@ def test_a_warm_shutdown_mid_burst_leaves_every_waiting_message_on_the_queue(
         event for n in range(300) for event in eventgen.order_history(rng, f"{prefix}-{n}", 10)
     ]
     ids = [str(event["id"]) for event in events]
-    support.publish_all(rig.redis.url, [json.dumps(event).encode() for event in events])
+    support.publish_all(rig.redis.url, rig.db_url, [json.dumps(event).encode() for event in events])
     with psycopg.connect(rig.db_url) as blocker:
         # Both pool processes are held inside a job, waiting on the orders, while the
         # rest of what the worker holds waits for them.
@@ -228,7 +228,9 @@ def test_a_job_past_its_budget_hands_back_the_rest_untried(rig: Rig) -> None:
     tap = EventTap(rig.redis.url)
     tap.start()
     try:
-        support.publish_all(rig.redis.url, [json.dumps(event).encode() for event in events])
+        support.publish_all(
+            rig.redis.url, rig.db_url, [json.dumps(event).encode() for event in events]
+        )
         with psycopg.connect(rig.db_url) as blocker:
             blocker.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
             worker = rig.worker("bd", 1)
@@ -275,7 +277,7 @@ def test_terminating_one_task_puts_the_others_of_its_job_back(rig: Rig) -> None:
     prefix = f"bk-{uuid.uuid4().hex[:8]}"
     events = [event for n in range(4) for event in eventgen.order_history(rng, f"{prefix}-{n}", 8)]
     ids = [str(event["id"]) for event in events]
-    support.publish_all(rig.redis.url, [json.dumps(event).encode() for event in events])
+    support.publish_all(rig.redis.url, rig.db_url, [json.dumps(event).encode() for event in events])
     with psycopg.connect(rig.db_url) as blocker:
         # Every job waits on the orders, long enough to be caught running.
         blocker.execute("LOCK TABLE orders IN EXCLUSIVE MODE")

@@ -81,6 +81,27 @@ def test_sign_prints_a_header_the_ingest_accepts(tmp_path: Path) -> None:
     verify(header, payload.read_bytes(), ["s3cret"], tolerance_s=300, now=time.time())
 
 
+def test_sign_reads_the_secret_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    """Never only from the command line, where `ps` shows it to every user."""
+    payload = tmp_path / "event.json"
+    payload.write_bytes(support.load_fixture("dr_examples/04_refund_complete.json"))
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("from-a-file\n")
+    from_file = _run("sign", "--secret-file", str(secret_file), str(payload))
+    assert from_file.returncode == 0, from_file.stderr
+    verify(from_file.stdout.strip(), payload.read_bytes(), ["from-a-file"], tolerance_s=300)
+    from_env = _run("sign", str(payload), env={"DR_WEBHOOK_SECRETS": "first-one,second-one"})
+    assert from_env.returncode == 0, from_env.stderr
+    verify(from_env.stdout.strip(), payload.read_bytes(), ["first-one"], tolerance_s=300)
+    both = _run("sign", "--secret", "x", "--secret-file", str(secret_file), str(payload))
+    assert both.returncode == 2
+    neither = _run("sign", str(payload), env={"DR_WEBHOOK_SECRETS": ""})
+    assert neither.returncode == 1
+    assert neither.stderr.strip() == (
+        "refundsync: no secret: give --secret-file, or set DR_WEBHOOK_SECRETS"
+    )
+
+
 def test_order_and_event_show(database: support.Database) -> None:
     env = {"DATABASE_URL": database.url}
     missing = _run("order", "show", "no-such-order", env=env)

@@ -1,8 +1,11 @@
 """docker-compose.yml, checked without a Docker engine: every service's command is one the
-installed CLI accepts, every variable it needs is set, and the start order is safe."""
+installed CLI accepts and starts with only the variables its service gets, each secret
+reaches only the services that use it, the start order is safe, and every container runs
+with the least it needs (pinned images, memory limits, no capabilities, read-only roots)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -19,19 +22,38 @@ SERVICES: dict[str, Any] = COMPOSE["services"]
 OURS = [name for name, spec in SERVICES.items() if spec.get("image") == "refundsync:latest"]
 # What an operator sets before `docker compose up`.
 OPERATOR_ENV = {
+    "POSTGRES_PASSWORD": "pgpw0123",
+    "REDIS_PASSWORD": "redispw0123",
     "DR_WEBHOOK_SECRETS": "whsec_a,whsec_b",
     "REFUNDSYNC_API_TOKEN": "token",
+    "DR_API_KEY": "sk_test_key",
     "FLOWER_BASIC_AUTH": "op:pw",
 }
+# Compose refuses to start without these.
+REQUIRED = ["POSTGRES_PASSWORD", "REDIS_PASSWORD", "DR_WEBHOOK_SECRETS", "FLOWER_BASIC_AUTH"]
+# Each secret and the services that get it: those whose process reads it, no others.
+SECRET_HOLDERS = {
+    "POSTGRES_PASSWORD": {"postgres", "migrate", "ingest", "worker", "beat"},
+    "REDIS_PASSWORD": {"redis", "ingest", "worker", "beat", "flower"},
+    "DR_WEBHOOK_SECRETS": {"ingest"},
+    "REFUNDSYNC_API_TOKEN": {"ingest"},
+    # The worker runs the reconcile task; beat schedules it only when the key is set.
+    "DR_API_KEY": {"worker", "beat"},
+    "FLOWER_BASIC_AUTH": {"flower"},
+}
+DATABASE_URL = "postgresql://refundsync:pgpw0123@postgres:5432/refundsync"
+REDIS_URL = "redis://:redispw0123@redis:6379/0"
+# Inside the containers: the one place the refundsync services may write.
+CONTAINER_TMP = "/tmp"  # noqa: S108
 
 
-def _interpolate(value: str) -> str:
-    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} against OPERATOR_ENV."""
+def _interpolate(value: str, operator_env: dict[str, str] = OPERATOR_ENV) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} against operator_env."""
 
     def one(match: re.Match[str]) -> str:
         name, op, arg = match.group(1), match.group(2), match.group(3)
-        if name in OPERATOR_ENV:
-            return OPERATOR_ENV[name]
+        if name in operator_env:
+            return operator_env[name]
         if op == ":?":
             raise AssertionError(f"{name} is required: {arg}")
         return arg or ""
@@ -40,7 +62,58 @@ def _interpolate(value: str) -> str:
 
 
 def _env(service: str) -> dict[str, str]:
-    return {k: _interpolate(str(v)) for k, v in SERVICES[service]["environment"].items()}
+    return {k: _interpolate(str(v)) for k, v in SERVICES[service].get("environment", {}).items()}
+
+
+def _strings(node: object) -> list[str]:
+    """Every string in a parsed compose document, keys and values."""
+    if isinstance(node, dict):
+        return [s for k, v in node.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(node, list):
+        return [s for item in node for s in _strings(item)]
+    return [node] if isinstance(node, str) else []
+
+
+def _process_env(service: str) -> dict[str, str]:
+    """The service's environment and nothing of this machine's refundsync settings."""
+    kept = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    return {**kept, **_env(service)}
+
+
+def _bytes(size: str) -> int:
+    """A compose or Redis size such as 512m, 1g or 512mb, in bytes."""
+    match = re.fullmatch(r"(\d+)([kmg]?)b?", str(size).lower())
+    assert match, size
+    unit = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[match.group(2)]
+    return int(match.group(1)) * unit
+
+
+def _memory_limit(service: str) -> int:
+    spec = SERVICES[service]
+    limits = spec.get("deploy", {}).get("resources", {}).get("limits", {})
+    limit = spec.get("mem_limit") or limits.get("memory")
+    assert limit, f"{service} has no memory limit"
+    return _bytes(limit)
+
+
+# A service's command up to where it would connect or serve: the command line parsed, the
+# settings it requires checked, and the app it would run imported, as in the container.
+DRY_START = """
+import importlib, sys
+import celery.bin.celery, uvicorn
+import models.migrate
+from worker.cli import main
+
+
+def load_worker_app(argv, **_):
+    importlib.import_module("worker.app").app.loader.import_default_modules()
+
+
+uvicorn.run = lambda target, **_: importlib.import_module(target.partition(":")[0])
+models.migrate.upgrade = lambda url: None
+celery.bin.celery.celery.main = load_worker_app
+main(sys.argv[1:], prog_name="refundsync")
+"""
 
 
 def test_the_services_a_deployment_needs_are_there() -> None:
@@ -55,15 +128,25 @@ def test_each_command_is_accepted_by_the_installed_cli(service: str) -> None:
     command = SERVICES[service]["command"]
     assert command[0] in {"refundsync", "celery"}
     executable = str(Path(sys.executable).parent / command[0])
-    env = {
-        **os.environ,
-        **_env(service),
-        "DATABASE_URL": "postgresql://u@127.0.0.1:1/x",
-        "REDIS_URL": "redis://127.0.0.1:1/0",
-    }
     result = subprocess.run(
         [executable, *command[1:], "--help"],
-        env=env,
+        env=_process_env(service),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("service", [s for s in OURS if SERVICES[s]["command"][0] == "refundsync"])
+def test_each_command_starts_with_only_its_own_environment(service: str, tmp_path: Path) -> None:
+    # Flower's command is covered by the --help run above: Celery imports the app for it.
+    result = subprocess.run(
+        [sys.executable, "-c", DRY_START, *SERVICES[service]["command"][1:]],
+        env={**_process_env(service), "TMPDIR": str(tmp_path)},
+        # No .env file of this checkout is read.
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
@@ -75,20 +158,41 @@ def test_each_command_is_accepted_by_the_installed_cli(service: str) -> None:
 @pytest.mark.parametrize("service", OURS)
 def test_each_service_has_the_variables_it_needs(service: str) -> None:
     env = _env(service)
-    needed = {"DATABASE_URL", "REDIS_URL"}
-    if service == "ingest":
-        needed |= {"DR_WEBHOOK_SECRETS"}
-    if service == "flower":
-        needed |= {"FLOWER_BASIC_AUTH"}
+    needed = {
+        "migrate": {"DATABASE_URL"},
+        "ingest": {"DATABASE_URL", "REDIS_URL", "DR_WEBHOOK_SECRETS"},
+        "worker": {"DATABASE_URL", "REDIS_URL"},
+        "beat": {"DATABASE_URL", "REDIS_URL"},
+        "flower": {"REDIS_URL", "FLOWER_BASIC_AUTH"},
+    }[service]
     assert {name for name in needed if env.get(name)} == needed
-    assert env["DATABASE_URL"].startswith("postgresql://")
-    assert "@postgres:5432/" in env["DATABASE_URL"]
-    assert env["REDIS_URL"] == "redis://redis:6379/0"
+    assert env.get("DATABASE_URL", DATABASE_URL) == DATABASE_URL
+    assert env.get("REDIS_URL", REDIS_URL) == REDIS_URL
 
 
-def test_missing_secret_stops_compose_with_a_message() -> None:
-    value = SERVICES["ingest"]["environment"]["DR_WEBHOOK_SECRETS"]
-    assert ":?" in value
+@pytest.mark.parametrize("secret", SECRET_HOLDERS)
+def test_each_secret_reaches_only_the_services_that_use_it(secret: str) -> None:
+    def references(service: str) -> set[str]:
+        return set(re.findall(r"\$\{(\w+)", json.dumps(SERVICES[service])))
+
+    assert {name for name in SERVICES if secret in references(name)} == SECRET_HOLDERS[secret]
+    # An env_file would hand a service every variable in it.
+    assert not [name for name, spec in SERVICES.items() if "env_file" in spec]
+
+
+def test_flower_gets_the_queue_and_its_login_only() -> None:
+    assert set(_env("flower")) == {"REDIS_URL", "FLOWER_BASIC_AUTH"}
+
+
+@pytest.mark.parametrize("secret", REQUIRED)
+def test_missing_secret_stops_compose_with_a_message(secret: str) -> None:
+    everything = _strings(COMPOSE)
+    without = {k: v for k, v in OPERATOR_ENV.items() if k != secret}
+    with pytest.raises(AssertionError, match=secret):
+        _interpolate("\n".join(everything), without)
+    # Required wherever it is used: no default that would start without it.
+    for value in everything:
+        assert not re.search(rf"\$\{{{secret}(?!:\?)", value), value
 
 
 @pytest.mark.parametrize("service", ["ingest", "worker", "beat"])
@@ -111,6 +215,85 @@ def test_postgres_has_a_healthcheck_and_redis_keeps_an_append_only_file() -> Non
     assert SERVICES["redis"]["healthcheck"]["test"]
     command = SERVICES["redis"]["command"]
     assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "everysec"
+
+
+def test_redis_requires_the_password() -> None:
+    command = [_interpolate(str(arg)) for arg in SERVICES["redis"]["command"]]
+    assert command[0] == "redis-server"
+    assert command[command.index("--requirepass") + 1] == OPERATOR_ENV["REDIS_PASSWORD"]
+
+
+def test_redis_healthcheck_authenticates_without_the_password_in_its_arguments() -> None:
+    probe = " ".join(SERVICES["redis"]["healthcheck"]["test"])
+    assert "redis-cli" in probe
+    # redis-cli exits 0 on NOAUTH: the probe must look for PONG.
+    assert "PONG" in probe
+    assert _env("redis")["REDISCLI_AUTH"] == OPERATOR_ENV["REDIS_PASSWORD"]
+    assert "REDIS_PASSWORD" not in probe
+    assert " -a " not in f" {probe} "
+    assert OPERATOR_ENV["REDIS_PASSWORD"] not in _interpolate(probe)
+
+
+def test_redis_refuses_writes_before_its_memory_limit_kills_it() -> None:
+    command = SERVICES["redis"]["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert _bytes(command[command.index("--maxmemory") + 1]) < _memory_limit("redis")
+
+
+def test_flower_is_published_on_the_loopback_only() -> None:
+    assert SERVICES["flower"]["ports"] == ["127.0.0.1:5555:5555"]
+
+
+@pytest.mark.parametrize("service", list(SERVICES))
+def test_only_the_ingest_is_published_on_every_interface(service: str) -> None:
+    for port in SERVICES[service].get("ports", []):
+        assert service == "ingest" or str(port).startswith("127.0.0.1:"), port
+
+
+@pytest.mark.parametrize("service", [s for s in SERVICES if s not in OURS])
+def test_third_party_images_name_one_release(service: str) -> None:
+    image = SERVICES[service]["image"]
+    if re.search(r"@sha256:[0-9a-f]{64}$", image):
+        return
+    repository, _, tag = image.partition(":")
+    # PostgreSQL numbers its releases major.minor since 10 (16.12 is one release, 16 moves
+    # with each); the others major.minor.patch.
+    release = {"postgres": r"\d+\.\d+"}.get(repository, r"\d+\.\d+\.\d+")
+    assert re.fullmatch(rf"{release}(-[\w.]+)?", tag), image
+
+
+@pytest.mark.parametrize("service", list(SERVICES))
+def test_every_service_has_a_memory_limit(service: str) -> None:
+    assert _memory_limit(service) >= 128 * 1024**2
+
+
+@pytest.mark.parametrize("service", list(SERVICES))
+def test_every_service_drops_all_capabilities_and_new_privileges(service: str) -> None:
+    spec = SERVICES[service]
+    assert spec["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in spec["security_opt"]
+    # Only the official images' entrypoints need any, to own their data directory and
+    # then switch to their own user.
+    expected = {
+        "postgres": {"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID"},
+        "redis": {"CHOWN", "DAC_OVERRIDE", "SETGID", "SETUID"},
+    }.get(service, set())
+    assert set(spec.get("cap_add", [])) == expected
+
+
+@pytest.mark.parametrize("service", OURS)
+def test_refundsync_services_have_a_read_only_root_and_a_tmp_in_memory(service: str) -> None:
+    spec = SERVICES[service]
+    assert spec["read_only"] is True
+    tmpfs = spec["tmpfs"] if isinstance(spec["tmpfs"], list) else [spec["tmpfs"]]
+    assert CONTAINER_TMP in {entry.split(":")[0] for entry in tmpfs}
+    command = spec["command"]
+    if "--schedule" in command:
+        assert command[command.index("--schedule") + 1].startswith(f"{CONTAINER_TMP}/")
+    # Unset, the command makes a fresh metrics directory in /tmp; a directory named here
+    # would not exist in the empty tmpfs, and prometheus_client does not create it.
+    assert "PROMETHEUS_MULTIPROC_DIR" not in _env(service)
 
 
 def test_dockerfile_installs_the_package_and_runs_unprivileged() -> None:

@@ -73,7 +73,9 @@ def test_task_events_are_batched_and_complete(database: support.Database) -> Non
             for n in range(12)
             for event in eventgen.order_history(rng, f"ev-{uuid.uuid4().hex[:8]}-{n}", 5)
         ]
-        support.publish_all(redis.url, [json.dumps(event).encode() for event in events])
+        support.publish_all(
+            redis.url, database.url, [json.dumps(event).encode() for event in events]
+        )
         support.wait_finished(engine, [str(event["id"]) for event in events])
         _wait(tap, len(events))
 

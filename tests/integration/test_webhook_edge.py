@@ -3,8 +3,11 @@ no workers, so anything queued would still be sitting in the queue."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import os
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests import support
+from tests import deadlines, support
 
 QUEUE = "refundsync"
 
@@ -399,3 +402,67 @@ def test_non_ascii_bearer_token_and_limit_are_refused_cleanly(bare: BareIngest) 
     limit = httpx.get(f"{bare.base}/events?limit=%C2%B2", headers=auth, timeout=5)
     assert limit.status_code == 400
     assert limit.json()["error"] == "invalid_limit"
+
+
+def test_a_hung_broker_gets_every_webhook_a_503_within_2_5_s(database: support.Database) -> None:
+    """DR gives up on a delivery after 3 s: with Redis stopped (SIGSTOP, so connections
+    hang rather than fail), 20 concurrent senders are each answered 503 within 2.5 s, twice
+    over (the second wave behind the first's hung push), and a 202 again once it resumes."""
+    redis = support.RedisServer().start()
+    env = support.service_env(database.url, redis.url)
+    ingest, base = support.start_ingest(env)
+    redis_pid = redis.pid()
+
+    async def wave() -> list[tuple[float, httpx.Response]]:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+
+            async def send() -> tuple[float, httpx.Response]:
+                body = _event()
+                started = time.monotonic()
+                response = await client.post(
+                    "/webhooks/digital-river", content=body, headers=support.signed_headers(body)
+                )
+                return time.monotonic() - started, response
+
+            return await asyncio.gather(*(send() for _ in range(20)))
+
+    try:
+        body = _event()
+        assert (
+            httpx.post(
+                f"{base}/webhooks/digital-river",
+                content=body,
+                headers=support.signed_headers(body),
+                timeout=10,
+            ).status_code
+            == 202
+        )
+        os.kill(redis_pid, signal.SIGSTOP)
+        for number in (1, 2):
+            answers = asyncio.run(wave())
+            codes = sorted({response.status_code for _, response in answers})
+            slowest = max(elapsed for elapsed, _ in answers)
+            print(f"wave {number}: codes {codes}, slowest answer {slowest:.2f} s")
+            assert codes == [503]
+            assert all(r.json()["error"] == "broker_unavailable" for _, r in answers)
+            assert all(int(r.headers["Retry-After"]) > 0 for _, r in answers)
+            assert slowest <= 2.5
+        os.kill(redis_pid, signal.SIGCONT)
+
+        def accepted_again() -> bool:
+            body = _event()
+            response = httpx.post(
+                f"{base}/webhooks/digital-river",
+                content=body,
+                headers=support.signed_headers(body),
+                timeout=10,
+            )
+            return response.status_code == 202
+
+        support.wait_for(
+            accepted_again, timeout=deadlines.LOCAL_PROCESS_S, what="a 202 once Redis resumes"
+        )
+    finally:
+        os.kill(redis_pid, signal.SIGCONT)
+        ingest.stop()
+        redis.cleanup()
