@@ -21,8 +21,6 @@ class TransientError(RefundSyncError):
     """A passing failure (connection lost, deadlock, lock timeout); the event is retried."""
 
     event_id: str = ""
-    # Whether this copy of the event was already counted in `deliveries` before it failed.
-    counted: bool = False
 
 
 class Deferred(TransientError):

@@ -15,7 +15,6 @@ from sqlalchemy import (
     CompoundSelect,
     Connection,
     Insert,
-    Integer,
     Select,
     Table,
     Text,
@@ -137,7 +136,13 @@ def payload_value(dialect: str, raw: Any) -> Any:
     return cast(raw, postgresql.JSONB)
 
 
+# At most this much of message ids is kept per event: past it (about a hundred copies of one
+# event) a further message counts as a delivery each time it comes.
+MAX_MESSAGES_CHARS = 4000
+
+
 def _record_statement(dialect: str) -> Insert:
+    marker = bindparam("marker", type_=Text)
     statement = _insert(dialect, webhook_events).values(
         id=bindparam("id"),
         type=bindparam("type"),
@@ -148,9 +153,10 @@ def _record_statement(dialect: str) -> Insert:
         # The first record is always a copy that reached a worker, even when it is a retry
         # whose first try could not record it.
         deliveries=1,
-        # A redelivered copy's earlier attempt died, maybe before anything of it committed.
-        attempts=1 + bindparam("lost", type_=Integer),
-        lost_attempts=bindparam("lost", type_=Integer),
+        messages=marker,
+        attempts=1,
+        lost_attempts=0,
+        running_message=bindparam("starting", type_=Text),
         received_at=bindparam("received_at"),
         source=bindparam("source"),
     )
@@ -158,25 +164,31 @@ def _record_statement(dialect: str) -> Insert:
     # not count as a delivery or an attempt of it.
     same = webhook_events.c.type == statement.excluded.type
     unfinished = webhook_events.c.outcome == Outcome.QUEUED.value
-    lost_after = webhook_events.c.lost_attempts + bindparam("lost", type_=Integer)
+    find = func.instr if dialect == "sqlite" else func.strpos
+    # A message counts once in deliveries, however often it comes: retried, or back from a
+    # worker that died holding it, it is the same copy from DR.
+    unseen = same & (find(webhook_events.c.messages, marker) == 0)
+    kept = func.length(webhook_events.c.messages) < MAX_MESSAGES_CHARS
+    running = webhook_events.c.running_message
     return statement.on_conflict_do_update(
         index_elements=[webhook_events.c.id],
         set_={
-            "deliveries": webhook_events.c.deliveries
-            + case((same, bindparam("copies", type_=Integer)), else_=0),
-            # Every attempt that died is counted as lost when its message comes back; one
-            # that died inside the transaction recording and applying it (the common path,
-            # worker.processing) left no count, so attempts is at least lost + this one.
-            "attempts": case(
-                (~(same & unfinished), webhook_events.c.attempts),
-                (
-                    webhook_events.c.attempts >= lost_after,
-                    webhook_events.c.attempts + 1,
-                ),
-                else_=lost_after + 1,
+            "deliveries": webhook_events.c.deliveries + case((unseen, 1), else_=0),
+            "messages": case(
+                (unseen & kept, webhook_events.c.messages + marker),
+                else_=webhook_events.c.messages,
             ),
+            "attempts": webhook_events.c.attempts + case((same & unfinished, 1), else_=0),
+            # An attempt died with its worker only if it had started: its message is the one
+            # marked running. A message that comes back without that mark was only waiting
+            # in a worker's prefetch, or died inside the transaction that applies it, which
+            # left nothing; the attempt after that marks itself.
             "lost_attempts": webhook_events.c.lost_attempts
-            + case((same & unfinished, bindparam("lost", type_=Integer)), else_=0),
+            + case((same & unfinished & (running == bindparam("dead", type_=Text)), 1), else_=0),
+            "running_message": case(
+                (same & unfinished, func.coalesce(bindparam("starting", type_=Text), running)),
+                else_=running,
+            ),
         },
     ).returning(
         webhook_events.c.outcome,
@@ -301,6 +313,7 @@ def _statements_for(dialect: str) -> _Statements:
             error=bindparam("new_error"),
             order_id=bindparam("new_order_id"),
             processed_at=bindparam("processed_at"),
+            running_message=None,
         ),
         lock_order=_lock_order_statement(dialect),
         lock_existing_order=select(orders)
@@ -335,16 +348,19 @@ def record_delivery(
     *,
     received_at: datetime,
     source: str,
-    new_copy: bool,
+    message: str,
     redelivered: bool = False,
 ) -> Delivery:
-    """Insert the event row, or count one more copy of it.
+    """Insert the event row, or count one more copy of it, and mark `message`'s attempt as
+    started, in a statement committed on its own.
 
-    Committed on its own when the copy is redelivered, so the count survives a worker that
-    dies mid-task: a poison event is seen as such however its attempts ended. Otherwise it
-    shares the transaction that applies the copy (record_and_load).
+    So the attempt counts however it ends: if its worker dies before the attempt is
+    finished, the message comes back redelivered and finds itself marked (a poison event is
+    seen as such). `redelivered` says it came back so.
     """
-    params = _record_params(header, raw, received_at, source, new_copy, redelivered)
+    params = _record_params(
+        header, raw, received_at, source, message, start=True, redelivered=redelivered
+    )
     return _delivery(conn.execute(_statements(conn).record, params).one())
 
 
@@ -355,7 +371,7 @@ def record_and_load(
     *,
     received_at: datetime,
     source: str,
-    new_copy: bool,
+    message: str,
     order_id: str | None,
 ) -> tuple[Delivery, OrderState | None]:
     """Record a copy (locking the event row), then lock and load its order if it exists.
@@ -367,7 +383,7 @@ def record_and_load(
     """
     statements = _statements(conn)
     queries: list[tuple[Any, dict[str, Any]]] = [
-        (statements.record, _record_params(header, raw, received_at, source, new_copy, False))
+        (statements.record, _record_params(header, raw, received_at, source, message))
     ]
     if order_id is not None:
         key = {"order_id": order_id}
@@ -379,8 +395,8 @@ def record_and_load(
     return delivery, _state(results[1][0], results[2])
 
 
-# A copy to record: (raw payload, received at, source, new copy), as record_delivery takes.
-CopyFacts = tuple[str, datetime, str, bool]
+# A copy to record: (raw payload, received at, source, message id), as record_and_load takes.
+CopyFacts = tuple[str, datetime, str, str]
 
 
 def record_copies(conn: Connection, copies: list[tuple[EventHeader, CopyFacts]]) -> list[Delivery]:
@@ -388,7 +404,7 @@ def record_copies(conn: Connection, copies: list[tuple[EventHeader, CopyFacts]])
     event row), in the order given."""
     statements = _statements(conn)
     queries: list[tuple[Any, dict[str, Any]]] = [
-        (statements.record, _record_params(header, *facts, False)) for header, facts in copies
+        (statements.record, _record_params(header, *facts)) for header, facts in copies
     ]
     return [_delivery(rows[0]) for rows in query_all(conn, queries)]
 
@@ -412,8 +428,10 @@ def _record_params(
     raw: str,
     received_at: datetime,
     source: str,
-    new_copy: bool,
-    redelivered: bool,
+    message: str,
+    *,
+    start: bool = False,
+    redelivered: bool = False,
 ) -> dict[str, Any]:
     return {
         "id": header.id,
@@ -423,9 +441,9 @@ def _record_params(
         "payload": raw,
         "received_at": received_at,
         "source": source,
-        "copies": 1 if new_copy else 0,
-        # A message that comes back unacknowledged means an attempt died with its worker.
-        "lost": 1 if redelivered else 0,
+        "marker": f" {message} ",
+        "starting": message if start else None,
+        "dead": message if redelivered else None,
     }
 
 
@@ -467,12 +485,17 @@ def _finish_params(
     }
 
 
-def note_error(conn: Connection, event_id: str, error: str) -> None:
-    """Keep the latest transient error on an unfinished event, for operators."""
+def note_error(conn: Connection, event_id: str, error: str, message: str) -> None:
+    """Keep the latest transient error on an unfinished event, for operators: the attempt
+    of `message` has ended, and its retry is another attempt."""
+    unfinished = (webhook_events.c.id == event_id) & (
+        webhook_events.c.outcome == Outcome.QUEUED.value
+    )
+    running = webhook_events.c.running_message
     conn.execute(
         webhook_events.update()
-        .where(webhook_events.c.id == event_id, webhook_events.c.outcome == Outcome.QUEUED.value)
-        .values(error=error)
+        .where(unfinished)
+        .values(error=error, running_message=case((running == message, None), else_=running))
     )
 
 
@@ -815,6 +838,7 @@ def requeue(conn: Connection, event_id: str) -> None:
             outcome=Outcome.QUEUED.value,
             attempts=0,
             lost_attempts=0,
+            running_message=None,
             error=None,
             processed_at=None,
         )

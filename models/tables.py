@@ -111,6 +111,19 @@ webhook_events = Table(
         server_default="0",
         comment="attempts whose message came back unacknowledged (worker killed or lost)",
     ),
+    Column(
+        "messages",
+        Text,
+        nullable=False,
+        server_default="",
+        comment="ids of the queue messages counted in deliveries, each as ' id '",
+    ),
+    Column(
+        "running_message",
+        Text,
+        comment="the message whose attempt started in a transaction of its own and has not"
+        " ended; if that message comes back, the attempt died with its worker",
+    ),
     Column("error", Text),
     Column("order_id", Text),
     Column("source", Text, nullable=False, server_default="webhook"),

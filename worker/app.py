@@ -80,7 +80,8 @@ app.conf.update(
     task_time_limit=TASK_TIME_LIMIT_S,
     # A task killed by that limit may have died inside the transaction that records its
     # event, leaving no trace: its message goes back on the queue (marked redelivered, so
-    # one that keeps timing out counts as a poison event) instead of being acknowledged.
+    # it is tried with its attempt marked as started, and one that keeps timing out counts
+    # as a poison event) instead of being acknowledged.
     task_acks_on_timeout=False,
     # Task events feed Flower; the SQLite broker has no fanout exchange to carry them.
     worker_send_task_events=not STANDALONE,

@@ -65,9 +65,9 @@ def hand_back_waiting(pool: Any) -> None:
     """When the worker stops consuming: queue the requests still waiting for a pool process
     again, as new messages, and acknowledge theirs.
 
-    Left to the broker, each would come back marked redelivered, and be counted as an
-    attempt that died with its worker though it never started. One whose message cannot be
-    queued again is left to the broker so.
+    Left to the broker, each would come back marked redelivered, and be tried alone and in
+    two transactions, as a message that may have killed its worker, though it never
+    started. One whose message cannot be queued again is left to the broker so.
     """
     batcher = _batcher(pool)
     if batcher is None:
@@ -144,8 +144,9 @@ class Batcher:
 
     def _next_batch(self) -> list[Request]:
         # A message that comes back unacknowledged goes alone: if it is what killed its
-        # pool process, it must not take others down with it again, and have their
-        # attempts counted against them until they are quarantined.
+        # pool process, it must not take others down with it again. Alone, its attempt is
+        # marked as started before it is applied (worker.processing), so only its own
+        # deaths count towards its quarantine.
         size = 0
         for request in self.waiting[:BATCH_LIMIT]:
             if _redelivered(request):
@@ -267,7 +268,7 @@ def run_batch(jobs: list[Job]) -> list[Traced]:
             traced.append(_trace(job))
         else:
             # Tried again later: a job past its time limit would be killed, and every one of
-            # its messages counted as an attempt that died with its worker.
+            # its messages sent back to be tried alone.
             with processing.deferring("not tried: the messages sent with it took too long"):
                 traced.append(_trace(job))
     return traced
@@ -289,7 +290,7 @@ def _copy(job: Job) -> tuple[processing.Copy, dict[str, str]] | None:
     _, task_id, request, body, content_type, content_encoding = job
     try:
         args, kwargs = _arguments(body, content_type, content_encoding)
-        copy = processing.copy_of(request.get("delivery_info"), *args, **kwargs)
+        copy = processing.copy_of(request.get("delivery_info"), task_id, *args, **kwargs)
     except Exception:  # noqa: BLE001 - the task itself meets (and reports) the same
         return None
     return copy, {"task_id": task_id}

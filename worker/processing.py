@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -121,9 +122,10 @@ class Copy:
     body: str
     received_at: datetime
     source: str
-    # Not a retry or a redelivery of a copy already counted in `deliveries`.
-    new_copy: bool
-    # The message came back unacknowledged: an earlier attempt died with its worker.
+    # The queue message's id. It stays the same when the message is retried or comes back
+    # from a worker that died holding it, so a copy from DR counts once in `deliveries`.
+    message: str
+    # The message came back unacknowledged: an earlier attempt may have died with its worker.
     redelivered: bool = False
     # The message's seal, and `received_at` as the message wrote it (what the seal covers).
     seal: object = None
@@ -132,24 +134,23 @@ class Copy:
 
 def copy_of(
     delivery_info: dict[str, Any] | None,
+    message: str | None,
     body: str,
     received_at: str,
     source: str = "webhook",
     seal: object = None,
-    counted: bool = False,
+    counted: object = None,
 ) -> Copy:
-    """The copy an events.apply message carries: its delivery info and the task's arguments.
-
-    `counted` is set on retries of a copy already counted in `deliveries`.
-    """
-    redelivered = bool((delivery_info or {}).get("redelivered"))
+    """The copy an events.apply message carries: its delivery info, its id and the task's
+    arguments. `counted` is ignored (retries of earlier versions carry it)."""
+    del counted
     return Copy(
         body,
         _parse_time(received_at),
         source,
-        # A retry or a redelivery of this same message is not another copy from DR.
-        new_copy=not counted and not redelivered,
-        redelivered=redelivered,
+        # Without an id (a message made by hand) each arrival is a copy of its own.
+        message=message if isinstance(message, str) and message else uuid.uuid4().hex,
+        redelivered=bool((delivery_info or {}).get("redelivered")),
         seal=seal,
         received_text=received_at,
     )
@@ -294,15 +295,15 @@ def _process_copy(settings: Settings, header: store.EventHeader, data: Any, copy
     try:
         delivery = _record(db, header, copy)
     except TransientError as exc:
-        exc.event_id, exc.counted = header.id, False
+        exc.event_id = header.id
         raise
     try:
         if retry_error is not None:
             raise retry_error
         return _process(settings, db, header, data, delivery)
     except TransientError as exc:
-        note_error(settings, header.id, str(exc))
-        exc.event_id, exc.counted = header.id, True
+        note_error(settings, header.id, str(exc), copy.message)
+        exc.event_id = header.id
         raise
 
 
@@ -344,7 +345,7 @@ def _record_and_apply(
                 copy.body,
                 received_at=copy.received_at,
                 source=copy.source,
-                new_copy=copy.new_copy,
+                message=copy.message,
                 order_id=order_id,
             )
             # Recording locked the event row: a concurrent copy waits there until this
@@ -450,7 +451,7 @@ def _apply_together(db: Engine, settings: Settings, ready: list[_Ready]) -> list
             [
                 (
                     item.header,
-                    (item.copy.body, item.copy.received_at, item.copy.source, item.copy.new_copy),
+                    (item.copy.body, item.copy.received_at, item.copy.source, item.copy.message),
                 )
                 for item in by_id
             ],
@@ -538,7 +539,7 @@ def _record(db: Engine, header: store.EventHeader, copy: Copy) -> store.Delivery
                 raw,
                 received_at=copy.received_at,
                 source=copy.source,
-                new_copy=copy.new_copy,
+                message=copy.message,
                 redelivered=copy.redelivered,
             )
 
@@ -679,10 +680,11 @@ def _mark_failed(db: Engine, event_id: str, reason: str) -> Result:
     return Result(event_id, outcome, duplicate=True)
 
 
-def note_error(settings: Settings, event_id: str, error: str) -> None:
-    """Best effort: keep the last transient error on the event for operators."""
+def note_error(settings: Settings, event_id: str, error: str, message: str) -> None:
+    """Best effort: keep the last transient error on the event for operators, and end the
+    attempt of `message` (if the note is lost, a retry is no redelivery: nothing is lost)."""
     try:
         with transaction(engine(settings)) as conn:
-            store.note_error(conn, event_id, error[:2000])
+            store.note_error(conn, event_id, error[:2000], message)
     except sa_exc.SQLAlchemyError:
         log.debug("event.note_error_skipped", extra={"event_id": event_id})

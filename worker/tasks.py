@@ -46,39 +46,39 @@ def apply_event(
     received_at: str,
     source: str = "webhook",
     seal: object = None,
-    counted: bool = False,
+    counted: object = None,
 ) -> str:
     """Apply one DR event (the raw webhook body) and return its outcome.
 
-    `seal` proves the message came from refundsync (models.messages); `counted` is set on
-    retries of a copy already counted in `deliveries`.
+    `seal` proves the message came from refundsync (models.messages). `counted` is ignored:
+    retries published by earlier versions carry it.
     """
     with bound(task_id=self.request.id):
         copy = processing.copy_of(
-            self.request.delivery_info, body, received_at, source, seal, counted
+            self.request.delivery_info, self.request.id, body, received_at, source, seal
         )
-        return _apply_event(self, copy, counted)
+        return _apply_event(self, copy)
 
 
-def _apply_event(self: Task[Any, Any], copy: processing.Copy, counted: bool) -> str:
+def _apply_event(self: Task[Any, Any], copy: processing.Copy) -> str:
     body = copy.body
     try:
         result = processing.process(settings, copy)
     except Deferred as exc:
-        return _defer(self, exc, counted=counted)
+        return _defer(self, exc)
     except TransientError as exc:
-        return _retry(self, exc, counted=counted or exc.counted, event_id=exc.event_id)
+        return _retry(self, exc, event_id=exc.event_id or processing.event_id_of(body))
     except Exception as exc:
         # The process edge: whatever went wrong, an event that did not finish is never
         # acknowledged. It is retried like a transient error, and fails after the limit.
         log.exception("event.unexpected_error")
-        return _retry(self, exc, counted=counted, event_id=processing.event_id_of(body))
+        return _retry(self, exc, event_id=processing.event_id_of(body))
     if result.refused:
         return "refused"
     return result.outcome.value if result.outcome else "unrecordable"
 
 
-def _defer(task: Task[Any, Any], exc: Deferred, *, counted: bool) -> str:
+def _defer(task: Task[Any, Any], exc: Deferred) -> str:
     """Queue this message again untried, its retries as they were (Celery's retry would
     count one more, and back off as for a failure)."""
     request = task.request
@@ -86,7 +86,7 @@ def _defer(task: Task[Any, Any], exc: Deferred, *, counted: bool) -> str:
     again = task.signature_from_request(
         request,
         None,
-        {"counted": counted},
+        {},
         retries=request.retries,
         argsrepr=request.argsrepr,
         kwargsrepr=request.kwargsrepr,
@@ -99,7 +99,7 @@ def _defer(task: Task[Any, Any], exc: Deferred, *, counted: bool) -> str:
     raise Retry(exc=exc, when=0, sig=again)
 
 
-def _retry(task: Task[Any, Any], exc: Exception, *, counted: bool, event_id: str | None) -> str:
+def _retry(task: Task[Any, Any], exc: Exception, *, event_id: str | None) -> str:
     """Retry with backoff; after the retry limit, record the event as failed."""
     request = task.request
     if request.retries >= settings.max_retries and event_id:
@@ -120,7 +120,7 @@ def _retry(task: Task[Any, Any], exc: Exception, *, counted: bool, event_id: str
     )
     try:
         retry = task.retry(
-            kwargs={"counted": counted},
+            kwargs={},
             countdown=countdown,
             throw=False,
             # The monitor labels travel with the retry; the arguments hold the payload.

@@ -203,6 +203,11 @@ def test_worker_started_before_migrate_keeps_events_until_the_schema_exists(tmp_
         support.publish_all(redis.url, database.url, [json.dumps(event).encode()], key=key)
         worker = support.start_worker(env, "early")
         worker.wait_for_log("event.retry", timeout=deadlines.PROCESS_START_S)
+        # Each retry line names its event, even when the failure came before the body was
+        # read (here: not even the queue keys can be read).
+        retries = [json.loads(line) for line in worker.log().splitlines() if "event.retry" in line]
+        assert retries
+        assert all(line.get("event_id") == event["id"] for line in retries)
         scheduled = subprocess.run(
             [
                 sys.executable,
