@@ -12,7 +12,7 @@ from celery import Celery
 from fastapi import FastAPI, Request, Response
 
 from ingest.signature import HEADER, SignatureError, verify
-from models.messages import APPLY_TASK
+from worker.queue.contract import APPLY_TASK
 
 
 async def ceiling(scope: dict, receive, send) -> None:  # type: ignore[no-untyped-def]

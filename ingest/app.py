@@ -1,4 +1,5 @@
-"""The ASGI app (`uvicorn ingest.app:app`)."""
+"""The ASGI app: `create_app(settings)`, and `ingest.app:app` built from the environment
+(`uvicorn ingest.app:app`)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ingest import reads, webhook
 from ingest.metrics import StateCollector, exposition
-from ingest.publish import BrokerUnavailable, EventQueue, event_queue, signing_key
 from ingest.reads import ReadDatabase
 from ingest.responses import error, ok
 from models import logs, trust
 from models.settings import Settings, load_or_exit
-from models.trust import QueueKeys
+from worker.queue.keys import QueueKeys
+from worker.queue.publish import BrokerUnavailable, EventQueue, event_queue, signing_key
 
 log = logging.getLogger("refundsync.ingest")
 
@@ -121,5 +122,13 @@ def create_app(settings: Settings) -> ASGIApp:
     return _WebhookFirst(app, endpoint)
 
 
-logs.configure()
-app = create_app(load_or_exit("REDIS_URL", "DATABASE_URL", "DR_WEBHOOK_SECRETS"))
+def __getattr__(name: str) -> ASGIApp:
+    """`ingest.app:app` (what `uvicorn ingest.app:app` serves), built from the environment
+    when first asked for: importing this module configures nothing and reads no settings."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    logs.configure()
+    built = create_app(load_or_exit("REDIS_URL", "DATABASE_URL", "DR_WEBHOOK_SECRETS"))
+    # Built once: from now on `app` is an attribute like any other.
+    globals()["app"] = built
+    return built

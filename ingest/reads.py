@@ -13,13 +13,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ingest.publish import BrokerUnavailable, EventQueue
 from ingest.responses import error, ok
-from models import store
+from models import store, views
 from models.db import make_engine
 from models.payloads import could_be_stored_id
 from models.rules import Outcome
 from models.settings import Settings
+from worker.queue.publish import BrokerUnavailable, EventQueue
 
 MAX_LIMIT = 1000
 
@@ -98,7 +98,7 @@ async def get_order(request: Request) -> Response:
     if not could_be_stored_id(order_id):
         return error(404, "not_found", "unknown order")
     try:
-        summary = await _query(request, store.order_summary, order_id)
+        summary = await _query(request, views.order_summary, order_id)
     except SQLAlchemyError as exc:
         return _database_error(exc)
     if summary is None:
@@ -114,7 +114,7 @@ async def get_event(request: Request) -> Response:
     if not could_be_stored_id(event_id):
         return error(404, "not_found", "unknown event")
     try:
-        record = await _query(request, store.event_record, event_id)
+        record = await _query(request, views.event_record, event_id)
     except SQLAlchemyError as exc:
         return _database_error(exc)
     if record is None:
@@ -136,7 +136,7 @@ async def list_events(request: Request) -> Response:
     if not valid or not 1 <= int(raw_limit) <= MAX_LIMIT:
         return error(400, "invalid_limit", f"limit must be an integer from 1 to {MAX_LIMIT}")
     try:
-        records = await _query(request, store.event_records, outcome=outcome, limit=int(raw_limit))
+        records = await _query(request, views.event_records, outcome=outcome, limit=int(raw_limit))
     except SQLAlchemyError as exc:
         return _database_error(exc)
     return ok(records)

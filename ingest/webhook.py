@@ -14,10 +14,10 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from ingest import metrics
-from ingest.publish import BrokerUnavailable, EventQueue
 from ingest.signature import HEADER, SignatureError, verify
 from models.payloads import load_json, usable_text
 from models.settings import Settings
+from worker.queue.publish import BrokerUnavailable, EventQueue
 
 log = logging.getLogger("refundsync.ingest")
 

@@ -14,6 +14,10 @@ from contextvars import ContextVar
 
 from pythonjsonlogger.json import JsonFormatter
 
+# A reason or error in a log line is cut to this length: the whole of it is stored with the
+# event (models.store.ERROR_CHARS), and a log line stays a line.
+LOGGED_CHARS = 300
+
 _bound: ContextVar[dict[str, str]] = ContextVar("refundsync_log_fields", default={})  # noqa: B039 - never mutated
 
 
@@ -25,6 +29,11 @@ def bound(**fields: str | None) -> Iterator[None]:
         yield
     finally:
         _bound.reset(token)
+
+
+def brief(text: str | None) -> str:
+    """A reason or error as a log line carries it."""
+    return (text or "")[:LOGGED_CHARS]
 
 
 class _Fields(logging.Filter):

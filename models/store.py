@@ -44,8 +44,6 @@ from models.rules import (
     OrderState,
     Outcome,
     RefundRow,
-    iso,
-    summarize,
 )
 from models.tables import (
     charge_refunds,
@@ -135,6 +133,10 @@ def payload_value(dialect: str, raw: Any) -> Any:
     # Postgres parses the raw text; the payload is never decoded and encoded again here.
     return cast(raw, postgresql.JSONB)
 
+
+# An event's stored error (why it failed, or its latest transient error) is cut to this
+# length.
+ERROR_CHARS = 2000
 
 # At most this much of message ids is kept per event: past it (about a hundred copies of one
 # event) a further message counts as a delivery each time it comes.
@@ -478,7 +480,7 @@ def _finish_params(
     return {
         "event_id": event_id,
         "new_outcome": outcome.value,
-        "new_error": error,
+        "new_error": None if error is None else error[:ERROR_CHARS],
         "new_order_id": order_id,
         # The moment it is applied, not when the transaction began.
         "processed_at": datetime.now(UTC),
@@ -495,7 +497,10 @@ def note_error(conn: Connection, event_id: str, error: str, message: str) -> Non
     conn.execute(
         webhook_events.update()
         .where(unfinished)
-        .values(error=error, running_message=case((running == message, None), else_=running))
+        .values(
+            error=error[:ERROR_CHARS],
+            running_message=case((running == message, None), else_=running),
+        )
     )
 
 
@@ -511,12 +516,6 @@ def load_order(conn: Connection, order_id: str) -> tuple[OrderState, datetime] |
     if row is None:
         return None
     return _load(conn, row), row.updated_at
-
-
-def order_summary(conn: Connection, order_id: str) -> dict[str, Any] | None:
-    """The contract's order refund summary, or None for an unknown order."""
-    loaded = load_order(conn, order_id)
-    return None if loaded is None else summarize(*loaded)
 
 
 _FIGURE_PARTS = ("amount", "event_id", "event_time")
@@ -597,24 +596,6 @@ def _figure_values(prefix: str, figure: Figure | None) -> dict[str, Any]:
     }
 
 
-def save_and_finish(
-    conn: Connection,
-    before: OrderState,
-    after: OrderState,
-    changes: tuple[Change, ...],
-    event_id: str,
-    outcome: Outcome,
-) -> None:
-    """Write what differs between two states of a locked order, one history row per change,
-    and the event's outcome: every write of an applied event, sent together."""
-    save_all(
-        conn,
-        [(before, after)] if changes else [],
-        history_rows(after.order_id, event_id, changes),
-        [Finish(event_id, outcome, order_id=after.order_id)],
-    )
-
-
 @dataclass(frozen=True)
 class Finish:
     """An event's outcome, to be recorded."""
@@ -646,13 +627,11 @@ def save_all(
     writes: list[tuple[Any, Params]] = [(s, changed) for s, changed in rows.items() if changed]
     if history:
         writes.append((statements.history, history))
-    writes.append(
-        (
-            statements.finish_event,
-            [_finish_params(f.event_id, f.outcome, f.error, f.order_id) for f in finishes],
-        )
-    )
-    execute_all(conn, writes)
+    finished = [_finish_params(f.event_id, f.outcome, f.error, f.order_id) for f in finishes]
+    if finished:
+        writes.append((statements.finish_event, finished))
+    if writes:
+        execute_all(conn, writes)
 
 
 def history_rows(order_id: str, event_id: str, changes: Iterable[Change]) -> list[dict[str, Any]]:
@@ -733,53 +712,6 @@ def _order_writes(
         (statements.save_entry, entry_rows),
         (statements.save_chargeback, chargeback_rows),
     ]
-
-
-_RECORD_COLUMNS = (
-    webhook_events.c.id,
-    webhook_events.c.type,
-    webhook_events.c.created_time,
-    webhook_events.c.live_mode,
-    webhook_events.c.received_at,
-    webhook_events.c.processed_at,
-    webhook_events.c.outcome,
-    webhook_events.c.deliveries,
-    webhook_events.c.attempts,
-    webhook_events.c.error,
-)
-
-
-def _record(row: Any) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "type": row.type,
-        "createdTime": iso(row.created_time),
-        "liveMode": row.live_mode,
-        "receivedAt": iso(row.received_at),
-        "processedAt": iso(row.processed_at),
-        "outcome": row.outcome,
-        "deliveries": row.deliveries,
-        "attempts": row.attempts,
-        "error": row.error,
-    }
-
-
-def event_record(conn: Connection, event_id: str) -> dict[str, Any] | None:
-    """The contract's event processing record, or None."""
-    row = conn.execute(
-        select(*_RECORD_COLUMNS).where(webhook_events.c.id == event_id)
-    ).one_or_none()
-    return None if row is None else _record(row)
-
-
-def event_records(conn: Connection, *, outcome: str | None, limit: int) -> list[dict[str, Any]]:
-    """Processing records, newest first, optionally of one outcome."""
-    query = select(*_RECORD_COLUMNS).order_by(
-        webhook_events.c.received_at.desc(), webhook_events.c.id
-    )
-    if outcome is not None:
-        query = query.where(webhook_events.c.outcome == outcome)
-    return [_record(row) for row in conn.execute(query.limit(limit))]
 
 
 _STORED_COLUMNS = (

@@ -35,7 +35,7 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 metadata = MetaData()
 
 
-class Instant(TypeDecorator[datetime]):
+class UtcTimestamp(TypeDecorator[datetime]):
     """A point in time, always read back aware (UTC).
 
     Postgres keeps `timestamptz` as such; SQLite stores text without an offset, so values
@@ -84,7 +84,7 @@ Payload = JSON().with_variant(JSONB(astext_type=Text()), "postgresql")
 
 
 def _timestamp(name: str, *, nullable: bool = True) -> Column[object]:
-    return Column(name, Instant(), nullable=nullable)
+    return Column(name, UtcTimestamp(), nullable=nullable)
 
 
 def _money(name: str, *, nullable: bool = False) -> Column[object]:
@@ -153,8 +153,8 @@ orders = Table(
     _money("dr_total_amount", nullable=True),
     Column("dr_total_event_id", Text),
     _timestamp("dr_total_event_time"),
-    Column("created_at", Instant(), nullable=False, server_default=func.now()),
-    Column("updated_at", Instant(), nullable=False, server_default=func.now()),
+    Column("created_at", UtcTimestamp(), nullable=False, server_default=func.now()),
+    Column("updated_at", UtcTimestamp(), nullable=False, server_default=func.now()),
 )
 
 refunds = Table(
@@ -215,7 +215,7 @@ refund_history = Table(
     Column("entity_id", Text, nullable=False),
     Column("from_state", Text),
     Column("to_state", Text, nullable=False),
-    Column("recorded_at", Instant(), nullable=False, server_default=func.now()),
+    Column("recorded_at", UtcTimestamp(), nullable=False, server_default=func.now()),
 )
 
 reconcile_checkpoints = Table(
@@ -223,7 +223,7 @@ reconcile_checkpoints = Table(
     metadata,
     Column("name", Text, primary_key=True, comment="what is reconciled, e.g. 'events'"),
     _timestamp("position", nullable=False),
-    Column("updated_at", Instant(), nullable=False, server_default=func.now()),
+    Column("updated_at", UtcTimestamp(), nullable=False, server_default=func.now()),
     comment="createdTime up to which DR's Events API has been listed and published",
 )
 
@@ -232,7 +232,7 @@ queue_keys = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("secret", Text, nullable=False, comment="hex of 32 random bytes"),
-    Column("created_at", Instant(), nullable=False, server_default=func.now()),
+    Column("created_at", UtcTimestamp(), nullable=False, server_default=func.now()),
     comment="HMAC keys of queue message seals: the newest seals, every one verifies",
 )
 
@@ -240,7 +240,7 @@ refused_messages = Table(
     "refused_messages",
     metadata,
     Column("id", BigInteger().with_variant(Integer(), "sqlite"), Identity(), primary_key=True),
-    Column("refused_at", Instant(), nullable=False, server_default=func.now()),
+    Column("refused_at", UtcTimestamp(), nullable=False, server_default=func.now()),
     Column("event_id", Text, comment="as the message claims it; not trusted"),
     Column("event_type", Text, comment="as the message claims it; not trusted"),
     Column("source", Text, comment="as the message claims it; not trusted"),

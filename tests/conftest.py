@@ -4,35 +4,13 @@ removes them afterwards, so runs never see each other's data."""
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
-from sqlalchemy import Engine
 
 from models.migrate import upgrade
 from tests import support
-
-
-@dataclass
-class Stack:
-    """A running refundsync: ingest, two single-process workers, its database and broker."""
-
-    base: str
-    db_url: str
-    redis: support.RedisServer
-    engine: Engine
-    env: dict[str, str]
-    processes: list[support.Process]
-
-    def api(self, path: str) -> httpx.Response:
-        return httpx.get(
-            f"{self.base}{path}",
-            headers={"Authorization": f"Bearer {support.API_TOKEN}"},
-            timeout=10,
-        )
-
+from tests.support import Stack
 
 # The session stack's process logs, shown only for the tests that use it.
 _STACK_LOGS: set[Path] = set()

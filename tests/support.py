@@ -3,6 +3,7 @@ refundsync processes themselves (ingest and Celery workers) as subprocesses."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -22,13 +24,14 @@ from typing import Any
 
 import httpx
 import psycopg
+import redis as redis_client
 from sqlalchemy import Engine, text
 
 from ingest.signature import sign
 from models import trust
 from models.db import make_engine
-from models.trust import QueueKeys
 from tests import deadlines
+from worker.queue.keys import QueueKeys
 
 SECRET = "whsec_test_primary"
 OTHER_SECRET = "whsec_test_rotating"
@@ -427,7 +430,7 @@ def publish_all(
     import asyncio
     from datetime import UTC, datetime
 
-    from ingest.publish import Publisher
+    from worker.queue.publish import Publisher
 
     keys = queue_keys(db_url) if key is None else QueueKeys(lambda: [key])
 
@@ -504,8 +507,55 @@ def tally(engine: Engine, ids: list[str]) -> Tally:
 
 
 def summaries(engine: Engine, order_ids: list[str]) -> dict[str, dict[str, Any]]:
-    from models.store import order_summary
+    from models.views import order_summary
 
     with engine.connect() as conn:
         found = {order_id: order_summary(conn, order_id) for order_id in order_ids}
     return {k: {f: v for f, v in s.items() if f != "updatedAt"} for k, s in found.items() if s}
+
+
+@dataclass
+class Stack:
+    """A running refundsync: ingest, two single-process workers, its database and broker."""
+
+    base: str
+    db_url: str
+    redis: RedisServer
+    engine: Engine
+    env: dict[str, str]
+    processes: list[Process]
+
+    def api(self, path: str) -> httpx.Response:
+        return httpx.get(
+            f"{self.base}{path}",
+            headers={"Authorization": f"Bearer {API_TOKEN}"},
+            timeout=10,
+        )
+
+
+class EventTap(threading.Thread):
+    """Every publish on Celery's event exchange, with the task events it carries."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.pubsub = redis_client.Redis.from_url(url).pubsub()
+        self.pubsub.psubscribe("*celeryev*")
+        self.publishes: list[tuple[float, list[dict[str, Any]]]] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            message = self.pubsub.get_message(timeout=0.2)
+            if not message or message["type"] != "pmessage":
+                continue
+            envelope = json.loads(message["data"])
+            body = json.loads(base64.b64decode(envelope["body"]))
+            events = body if isinstance(body, list) else [body]
+            tasks = [e for e in events if str(e.get("type", "")).startswith("task-")]
+            if tasks:
+                self.publishes.append((time.monotonic(), tasks))
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join()
+        self.pubsub.close()

@@ -22,22 +22,21 @@ from celery.signals import (
 )
 
 from models import logs, telemetry
-from models.db import SQLITE_BUSY_TIMEOUT_S
-from models.messages import RECONCILE_TASK, SWEEP_TASK
 from models.settings import load_or_exit
 from models.telemetry import share_metrics_between_processes
-from worker import redis_broker
-from worker.broker import is_standalone
 from worker.policy import (
     BATCH_LIMIT,
     RESTORE_SCAN_S,
     TASK_TIME_LIMIT_S,
     VISIBILITY_TIMEOUT_S,
 )
+from worker.queue import redis_transport, sqlite_transport
+from worker.queue.contract import RECONCILE_TASK, SWEEP_TASK
 
 settings = load_or_exit("REDIS_URL")
 # Before any connection exists: a message Redis stops delivering halfway is kept, not lost.
-redis_broker.register()
+redis_transport.register()
+sqlite_transport.register()
 
 REDIS_TRANSPORT_OPTIONS = {
     "visibility_timeout": VISIBILITY_TIMEOUT_S,
@@ -50,9 +49,8 @@ REDIS_TRANSPORT_OPTIONS = {
     "socket_timeout": 15,
     "health_check_interval": 25,
 }
-# The standalone mode's SQLite broker (worker.broker): one worker, no monitors. Its
-# options go to SQLAlchemy's create_engine.
-STANDALONE = is_standalone(settings.redis_url or "")
+# The standalone mode's SQLite broker (worker.queue.sqlite_transport): one worker, no monitors.
+STANDALONE = sqlite_transport.is_standalone(settings.redis_url or "")
 
 # Tasks are imported when a worker starts, not when a publisher imports the app.
 app = Celery("refundsync", set_as_current=True, include=["worker.tasks"])
@@ -60,9 +58,7 @@ app.conf.update(
     broker_url=settings.redis_url,
     broker_connection_retry_on_startup=True,
     broker_transport_options=(
-        {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
-        if STANDALONE
-        else REDIS_TRANSPORT_OPTIONS
+        sqlite_transport.TRANSPORT_OPTIONS if STANDALONE else REDIS_TRANSPORT_OPTIONS
     ),
     task_default_queue=settings.queue,
     task_serializer="json",

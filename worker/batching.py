@@ -262,8 +262,7 @@ def run_batch(jobs: list[Job]) -> list[Traced]:
     traced: list[Traced] = []
     for job, result in zip(jobs, results, strict=True):
         if result is not None:
-            outcome = result.outcome.value if result.outcome else "unrecordable"
-            traced.append((0, saferepr(outcome), runtime))
+            traced.append((0, saferepr(result.task_result), runtime))
         elif monotonic() - started < ALONE_BUDGET_S:
             traced.append(_trace(job))
         else:

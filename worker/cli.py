@@ -275,9 +275,9 @@ def order() -> None:
 @order.command("show", help="Print an order's refund summary as JSON.")
 @click.argument("order_id")
 def order_show(order_id: str) -> None:
-    from models import store
+    from models import views
 
-    summary = _read(store.order_summary, order_id)
+    summary = _read(views.order_summary, order_id)
     if summary is None:
         _fail(f"order {order_id} not found")
     _print_json(summary)
@@ -291,9 +291,9 @@ def events() -> None:
 @events.command("show", help="Print an event's processing record as JSON.")
 @click.argument("event_id")
 def events_show(event_id: str) -> None:
-    from models import store
+    from models import views
 
-    record = _read(store.event_record, event_id)
+    record = _read(views.event_record, event_id)
     if record is None:
         _fail(f"event {event_id} not found")
     _print_json(record)
@@ -302,9 +302,9 @@ def events_show(event_id: str) -> None:
 @events.command("failed", help="List failed (dead-lettered) events, newest first.")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10_000))
 def events_failed(limit: int) -> None:
-    from models import store
+    from models import views
 
-    _print_json(_read(store.event_records, outcome="failed", limit=limit))
+    _print_json(_read(views.event_records, outcome="failed", limit=limit))
 
 
 @events.command(
@@ -383,7 +383,7 @@ def _replay(found: list[Any]) -> None:
     from worker import processing
 
     settings = _settings("DATABASE_URL", "REDIS_URL")
-    from worker.publish import republish
+    from worker.tasks import sender
 
     for event in found:
         if event.unstorable:
@@ -394,7 +394,7 @@ def _replay(found: list[Any]) -> None:
         try:
             with transaction(processing.engine(settings)) as conn:
                 store.requeue(conn, event.id)
-            republish([event], source="replay")
+            sender("replay").stored([event])
         except SQLAlchemyError as exc:
             _fail(f"replay of {event.id} failed: {describe(exc)}")
         except OperationalError as exc:
@@ -496,14 +496,14 @@ def _reconcile_events(settings: Settings, since: datetime | None, dry_run: bool)
     def nowhere(*_: object) -> None:
         raise AssertionError("a dry run publishes nothing")
 
-    publish: job.Publish = nowhere
-    if not dry_run:
-        # Imported only to publish: it loads the Celery app, which needs REDIS_URL.
-        from worker.publish import publish_reconciled
-
-        publish = publish_reconciled
     engine = processing.engine(settings)
     try:
+        publish: job.Publish = nowhere
+        if not dry_run:
+            # Imported only to publish: it loads the Celery app, which needs REDIS_URL.
+            from worker.tasks import sender
+
+            publish = sender("reconcile")
         with job.client_for(settings) as client:
             summary = job.run(settings, engine, client, publish, since=since, dry_run=dry_run)
     except DRApiError as exc:

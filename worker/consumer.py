@@ -19,7 +19,7 @@ from celery.exceptions import TaskRevokedError
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request
 
-from models.messages import APPLY_TASK
+from worker.queue.contract import APPLY_TASK
 
 # How long a task event may wait before it is published.
 EVENT_FLUSH_S = 0.1

@@ -13,6 +13,10 @@ from prometheus_client import (
 from models.rules import HANDLED_EVENTS, Outcome
 from models.telemetry import service_registry
 
+# The outcome of a message with no usable event id, which nothing can be recorded against:
+# its metric label and its task's result.
+UNRECORDABLE = "unrecordable"
+
 EVENTS = Counter(
     "refundsync_events_total",
     "Event copies processed, by type and outcome (duplicate: already finished)",
@@ -45,7 +49,7 @@ def observe(
     created_time: datetime | None,
 ) -> None:
     """Count one processed copy; time it if it was applied."""
-    label = "duplicate" if duplicate else (outcome.value if outcome else "unrecordable")
+    label = "duplicate" if duplicate else (outcome.value if outcome else UNRECORDABLE)
     EVENTS.labels(type=type_label(event_type), outcome=label).inc()
     if outcome is Outcome.APPLIED and not duplicate:
         now = datetime.now(UTC)

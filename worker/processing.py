@@ -24,7 +24,7 @@ from sqlalchemy import exc as sa_exc
 from models import store, trust
 from models.db import autocommit, is_sqlite, make_engine, transaction
 from models.errors import ConfigError, Deferred, InvalidEvent, PermanentError, TransientError
-from models.logs import bound
+from models.logs import bound, brief
 from models.payloads import Envelope, Instant, as_utc, load_json, usable_text
 from models.rules import (
     FINAL_OUTCOMES,
@@ -40,9 +40,9 @@ from models.rules import (
     interpret,
 )
 from models.settings import Settings, load_settings
-from models.trust import QueueKeys
 from worker import metrics
 from worker.errors import classify
+from worker.queue.keys import QueueKeys
 
 log = logging.getLogger("refundsync.worker")
 
@@ -82,6 +82,13 @@ class Result:
     order_id: str | None = None
     # Not sealed by refundsync: never applied, and recorded apart from the events.
     refused: bool = False
+
+    @property
+    def task_result(self) -> str:
+        """What the events.apply task returns for it (Flower shows it)."""
+        if self.refused:
+            return "refused"
+        return self.outcome.value if self.outcome else metrics.UNRECORDABLE
 
 
 def header_of(data: Any) -> store.EventHeader:
@@ -251,10 +258,15 @@ def process(settings: Settings, copy: Copy) -> Result:
     except (ValueError, RecursionError, InvalidEvent) as exc:
         # Without an id there is nothing to record the failure against; the ingest
         # refuses such bodies, so only a hand-made message gets here.
-        log.warning("event.unrecordable", extra={"reason": str(exc)[:200]})
-        return Result(None, None, reason=str(exc)[:200])
+        log.warning("event.unrecordable", extra={"reason": brief(str(exc))})
+        return Result(None, None, reason=brief(str(exc)))
     with bound(event_id=header.id, event_type=header.type):
         result = _process_copy(settings, header, data, copy)
+    _observe(header, copy, result)
+    return result
+
+
+def _observe(header: store.EventHeader, copy: Copy, result: Result) -> None:
     metrics.observe(
         header.type,
         result.outcome,
@@ -262,7 +274,6 @@ def process(settings: Settings, copy: Copy) -> Result:
         received_at=copy.received_at,
         created_time=header.created_time,
     )
-    return result
 
 
 def event_id_of(body: str) -> str | None:
@@ -288,7 +299,9 @@ def _process_copy(settings: Settings, header: store.EventHeader, data: Any, copy
             # Unforeseen: nothing of the attempt committed, so record the copy below and
             # retry it like a transient error, its error kept on the event for operators.
             log.exception("event.unexpected_error")
-            retry_error = TransientError(f"unexpected error: {type(exc).__name__}: {exc}"[:2000])
+            retry_error = TransientError(
+                f"unexpected error: {type(exc).__name__}: {exc}"[: store.ERROR_CHARS]
+            )
     # An earlier attempt died with its worker, or this one failed: nothing of it committed.
     # The copy is recorded in a transaction of its own first, so its attempt counts however
     # the rest ends (a poison event is seen as such).
@@ -351,14 +364,7 @@ def _record_and_apply(
             # Recording locked the event row: a concurrent copy waits there until this
             # transaction ends, then finds the outcome.
             verdict = _verdict(settings, header, delivery)
-            if verdict is None:
-                return _apply_locked(
-                    conn, settings, header.id, data, interpreted=interpreted, state=state
-                )
-            if verdict.outcome is Outcome.FAILED and not verdict.duplicate:
-                error = (verdict.reason or "")[:2000]
-                store.finish_event(conn, header.id, Outcome.FAILED, error=error)
-            return verdict
+            return _decide_and_save(conn, header.id, verdict, interpreted, state)
 
     result = _db(run)
     _log_applied(result)
@@ -429,13 +435,7 @@ def process_together(
     for done, result in zip(ready, applied, strict=True):
         with bound(**done.labels, event_id=done.header.id, event_type=done.header.type):
             _log_applied(result)
-        metrics.observe(
-            done.header.type,
-            result.outcome,
-            duplicate=result.duplicate,
-            received_at=done.copy.received_at,
-            created_time=done.header.created_time,
-        )
+        _observe(done.header, done.copy, result)
         results[done.index] = result
     return results
 
@@ -465,36 +465,14 @@ def _apply_together(db: Engine, settings: Settings, ready: list[_Ready]) -> list
         }
         before = store.lock_orders(conn, list(order_ids)) if order_ids else {}
         states = dict(before)
-        changed: set[str] = set()
-        history: list[dict[str, Any]] = []
-        finishes: list[store.Finish] = []
-        results: list[Result] = []
-        for item, verdict in zip(ready, verdicts, strict=True):
-            event_id = item.header.id
-            envelope, plan = item.interpreted
-            if verdict is not None:
-                if verdict.outcome is Outcome.FAILED and not verdict.duplicate:
-                    error = (verdict.reason or "")[:2000]
-                    finishes.append(store.Finish(event_id, Outcome.FAILED, error=error))
-                results.append(verdict)
-            elif isinstance(plan, Ignore):
-                finishes.append(store.Finish(event_id, Outcome.IGNORED, error=plan.reason))
-                results.append(
-                    Result(event_id, Outcome.IGNORED, reason=plan.reason, event_type=envelope.type)
-                )
-            else:
-                # Events for one order apply one after the other, each to its predecessor's
-                # state, as they would in transactions of their own.
-                ref = EventRef(as_utc(envelope.createdTime), envelope.id)
-                decision = apply(states[plan.order_id], ref, plan)
-                states[plan.order_id] = decision.state
-                if decision.changes:
-                    changed.add(plan.order_id)
-                    history += store.history_rows(plan.order_id, event_id, decision.changes)
-                finishes.append(store.Finish(event_id, decision.outcome, order_id=plan.order_id))
-                results.append(_decided(envelope, plan, decision))
-        store.save_all(conn, [(before[o], states[o]) for o in sorted(changed)], history, finishes)
-    return results
+        decided = [
+            # Events for one order apply one after the other, each to its predecessor's
+            # state, as they would in transactions of their own.
+            _decide(item.header.id, verdict, item.interpreted, states)
+            for item, verdict in zip(ready, verdicts, strict=True)
+        ]
+        _save(conn, before, states, decided)
+    return [done.result for done in decided]
 
 
 def _process(
@@ -505,12 +483,10 @@ def _process(
     delivery: store.Delivery,
 ) -> Result:
     verdict = _verdict(settings, header, delivery)
-    if verdict is not None:
-        if verdict.outcome is Outcome.FAILED and not verdict.duplicate:
-            return fail(settings, header.id, verdict.reason or "")
+    if verdict is not None and verdict.duplicate:
         return verdict
     try:
-        return _db(lambda: _apply(db, settings, header.id, data))
+        return _db(lambda: _apply(db, settings, header.id, data, verdict))
     except PermanentError as exc:
         return fail(settings, header.id, str(exc))
 
@@ -549,7 +525,7 @@ def _record(db: Engine, header: store.EventHeader, copy: Copy) -> store.Delivery
         # Postgres refused the payload itself (e.g. a \u0000 in a string): keep the
         # record with a stand-in payload so the failure is visible and final.
         stand_in = json.dumps(
-            {"unstorable": True, "id": header.id, "type": header.type, "error": str(exc)[:300]}
+            {"unstorable": True, "id": header.id, "type": header.type, "error": brief(str(exc))}
         )
         try:
             delivery = _db(lambda: record(stand_in))
@@ -562,9 +538,11 @@ def _record(db: Engine, header: store.EventHeader, copy: Copy) -> store.Delivery
         return replace(delivery, outcome=Outcome.FAILED)
 
 
-def _apply(db: Engine, settings: Settings, event_id: str, data: Any) -> Result:
+def _apply(
+    db: Engine, settings: Settings, event_id: str, data: Any, verdict: Result | None
+) -> Result:
     with transaction(db) as conn:
-        result = _apply_in(conn, settings, event_id, data)
+        result = _apply_in(conn, settings, event_id, data, verdict)
     _log_applied(result)
     return result
 
@@ -576,7 +554,7 @@ def _log_applied(result: Result) -> None:
     if result.outcome is Outcome.FAILED:
         log.warning(
             "event.failed",
-            extra={"event_id": result.event_id, "reason": (result.reason or "")[:300]},
+            extra={"event_id": result.event_id, "reason": brief(result.reason)},
         )
         return
     # One line per event, its changes included: a line per change cost more than the rest
@@ -595,11 +573,16 @@ def _log_applied(result: Result) -> None:
     log.info(f"event.{result.outcome.value}", extra=extra)
 
 
-def _apply_in(conn: Connection, settings: Settings, event_id: str, data: Any) -> Result:
+def _apply_in(
+    conn: Connection, settings: Settings, event_id: str, data: Any, verdict: Result | None = None
+) -> Result:
+    """Lock the event row and apply the event, or record `verdict` instead of applying it,
+    unless the event finished meanwhile."""
     outcome = store.lock_event(conn, event_id)
     if outcome in FINAL_OUTCOMES:
         return Result(event_id, outcome, duplicate=True)
-    return _apply_locked(conn, settings, event_id, data)
+    interpreted = None if verdict is not None else _interpret(settings, data)
+    return _decide_and_save(conn, event_id, verdict, interpreted)
 
 
 def _interpret(settings: Settings, data: Any) -> tuple[Envelope, Plan | Ignore]:
@@ -621,28 +604,84 @@ def _interpret(settings: Settings, data: Any) -> tuple[Envelope, Plan | Ignore]:
     return envelope, interpret(envelope, settings.dr_live_mode)
 
 
-def _apply_locked(
-    conn: Connection,
-    settings: Settings,
+@dataclass(frozen=True)
+class _Decided:
+    """What one copy comes to, and what of it is to be written."""
+
+    result: Result
+    # The event's outcome to record; None when there is nothing to record (a duplicate).
+    finish: store.Finish | None = None
+    history: tuple[dict[str, Any], ...] = ()
+    # The order whose state the event changed.
+    changed: str | None = None
+
+
+def _decide(
     event_id: str,
-    data: Any,
-    *,
-    interpreted: tuple[Envelope, Plan | Ignore] | None = None,
+    verdict: Result | None,
+    interpreted: tuple[Envelope, Plan | Ignore] | None,
+    states: dict[str, OrderState],
+) -> _Decided:
+    """The one decision, alone, together or in a preview: a verdict found when recording
+    the copy, an ignored event, or the rules applied to its order's state (locked and
+    loaded in `states`, which it updates)."""
+    if verdict is not None or interpreted is None:
+        assert verdict is not None  # noqa: S101 - a programming error, not input
+        if verdict.outcome is Outcome.FAILED and not verdict.duplicate:
+            failed = store.Finish(event_id, Outcome.FAILED, error=verdict.reason or "")
+            return _Decided(verdict, failed)
+        return _Decided(verdict)
+    envelope, plan = interpreted
+    if isinstance(plan, Ignore):
+        ignored = Result(event_id, Outcome.IGNORED, reason=plan.reason, event_type=envelope.type)
+        return _Decided(ignored, store.Finish(event_id, Outcome.IGNORED, error=plan.reason))
+    ref = EventRef(as_utc(envelope.createdTime), envelope.id)
+    decision = apply(states[plan.order_id], ref, plan)
+    states[plan.order_id] = decision.state
+    changes = decision.changes
+    return _Decided(
+        _decided(envelope, plan, decision),
+        store.Finish(event_id, decision.outcome, order_id=plan.order_id),
+        tuple(store.history_rows(plan.order_id, event_id, changes)),
+        plan.order_id if changes else None,
+    )
+
+
+def _save(
+    conn: Connection,
+    before: dict[str, OrderState],
+    after: dict[str, OrderState],
+    decided: Sequence[_Decided],
+) -> None:
+    """The one commit step: every write of the decided copies, sent together."""
+    changed = sorted({done.changed for done in decided if done.changed is not None})
+    store.save_all(
+        conn,
+        [(before[order_id], after[order_id]) for order_id in changed],
+        [row for done in decided for row in done.history],
+        [done.finish for done in decided if done.finish is not None],
+    )
+
+
+def _decide_and_save(
+    conn: Connection,
+    event_id: str,
+    verdict: Result | None,
+    interpreted: tuple[Envelope, Plan | Ignore] | None,
     state: OrderState | None = None,
 ) -> Result:
-    """Apply an event whose row this transaction holds locked and unfinished (with its
-    order's state, when already locked and loaded)."""
-    envelope, plan = interpreted or _interpret(settings, data)
-    if isinstance(plan, Ignore):
-        store.finish_event(conn, event_id, Outcome.IGNORED, error=plan.reason)
-        return Result(event_id, Outcome.IGNORED, reason=plan.reason, event_type=envelope.type)
-    if state is None:
-        state = store.lock_order(conn, plan.order_id)
-    decision = apply(state, EventRef(as_utc(envelope.createdTime), envelope.id), plan)
-    store.save_and_finish(
-        conn, state, decision.state, decision.changes, envelope.id, decision.outcome
-    )
-    return _decided(envelope, plan, decision)
+    """Decide one copy whose event row this transaction holds locked, and write it; its
+    order is locked and loaded here unless `state` already is."""
+    states: dict[str, OrderState] = {}
+    plan = interpreted[1] if interpreted is not None else None
+    if verdict is None and isinstance(plan, Plan):
+        states[plan.order_id] = (
+            state if state is not None else store.lock_order(conn, plan.order_id)
+        )
+    before = dict(states)
+    decided = _decide(event_id, verdict, interpreted, states)
+    _save(conn, before, states, [decided])
+    return decided.result
 
 
 def _decided(envelope: Envelope, plan: Plan, decision: Decision) -> Result:
@@ -670,12 +709,12 @@ def _mark_failed(db: Engine, event_id: str, reason: str) -> Result:
                 raise TransientError("the event is not recorded yet")
             if outcome in FINAL_OUTCOMES:
                 return outcome
-            store.finish_event(conn, event_id, Outcome.FAILED, error=reason[:2000])
+            store.finish_event(conn, event_id, Outcome.FAILED, error=reason)
             return Outcome.FAILED
 
     outcome = _db(record_failure)
     if outcome is Outcome.FAILED:
-        log.warning("event.failed", extra={"event_id": event_id, "reason": reason[:300]})
+        log.warning("event.failed", extra={"event_id": event_id, "reason": brief(reason)})
         return Result(event_id, Outcome.FAILED, reason=reason)
     return Result(event_id, outcome, duplicate=True)
 
@@ -685,6 +724,6 @@ def note_error(settings: Settings, event_id: str, error: str, message: str) -> N
     attempt of `message` (if the note is lost, a retry is no redelivery: nothing is lost)."""
     try:
         with transaction(engine(settings)) as conn:
-            store.note_error(conn, event_id, error[:2000], message)
+            store.note_error(conn, event_id, error, message)
     except sa_exc.SQLAlchemyError:
         log.debug("event.note_error_skipped", extra={"event_id": event_id})

@@ -51,8 +51,8 @@ RECONCILED_TYPES = tuple(sorted(HANDLED_EVENTS))
 # The beat task's bounds. It is acknowledged on receipt (a lost run is redone by the next
 # tick), so it may outlive the broker's visibility timeout; the soft limit lets it unlock
 # and stop cleanly, the hard one kills what is left.
-TASK_SOFT_TIME_LIMIT_S = 14 * 60
-TASK_TIME_LIMIT_S = 15 * 60
+RECONCILE_SOFT_TIME_LIMIT_S = 14 * 60
+RECONCILE_TIME_LIMIT_S = 15 * 60
 
 _DRIFT_NAME = "refundsync_reconcile_drift_orders"
 _DRIFT_HELP = "Orders whose refundedAmount differed from DR's at the last drift check"
@@ -499,16 +499,14 @@ def advance_checkpoint(engine: Engine, position: datetime) -> datetime:
     return stored
 
 
-def run_scheduled(settings: Settings, engine: Engine) -> int:
+def run_scheduled(settings: Settings, engine: Engine, publish: Publish) -> int:
     """The beat task's run: how many events it published (0 when it could not run)."""
     if settings.dr_api_key is None:
         log.warning("reconcile.skipped", extra={"reason": "DR_API_KEY not set on this worker"})
         return 0
-    from worker.publish import publish_reconciled
-
     try:
         with client_for(settings) as client:
-            summary = run(settings, engine, client, publish_reconciled)
+            summary = run(settings, engine, client, publish)
     except DRApiError as exc:
         # The next tick tries again from the same checkpoint; nothing is lost by waiting.
         log.warning("reconcile.failed", extra={"error": str(exc)})

@@ -1,10 +1,10 @@
 """`refundsync run` with nothing installed: SQLite files instead of Postgres and Redis.
 
 The same migrations, rules and tasks run on a SQLite database and kombu's SQLAlchemy
-transport on a second SQLite file (worker.broker). SQLite has no row locks, so it is made
-correct by construction instead: every transaction takes the database's write lock when it
-begins (models.db), and one worker process applies events. That is for evaluation and
-tests, not production (docs/standalone.md).
+transport on a second SQLite file (worker.queue.sqlite_transport). SQLite has no row locks,
+so it is made correct by construction instead: every transaction takes the database's
+write lock when it begins (models.db), and one worker process applies events. That is for
+evaluation and tests, not production (docs/standalone.md).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import platformdirs
 
 from models.errors import ConfigError
 from models.settings import Settings
-from worker.broker import broker_url, prepare
+from worker.queue.sqlite_transport import broker_url, prepare
 
 __all__ = ["RunPlan", "banner", "plan_run", "prepare"]
 

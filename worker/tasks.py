@@ -13,12 +13,12 @@ from models import store
 from models.db import transaction
 from models.errors import Deferred, TransientError
 from models.logs import bound
-from models.messages import APPLY_TASK, RECONCILE_TASK, SWEEP_TASK
 from worker import processing
 from worker.app import app, settings
 from worker.policy import retry_countdown
-from worker.publish import republish
-from worker.reconcile import TASK_SOFT_TIME_LIMIT_S, TASK_TIME_LIMIT_S, run_scheduled
+from worker.queue.contract import APPLY_TASK, RECONCILE_TASK, SWEEP_TASK
+from worker.queue.republish import Sender
+from worker.reconcile import RECONCILE_SOFT_TIME_LIMIT_S, RECONCILE_TIME_LIMIT_S, run_scheduled
 
 # At most this many stuck events are republished per sweep, so one sweep stays short.
 SWEEP_BATCH = 500
@@ -50,7 +50,7 @@ def apply_event(
 ) -> str:
     """Apply one DR event (the raw webhook body) and return its outcome.
 
-    `seal` proves the message came from refundsync (models.messages). `counted` is ignored:
+    `seal` proves the message came from refundsync (worker.queue.contract). `counted` is ignored:
     retries published by earlier versions carry it.
     """
     with bound(task_id=self.request.id):
@@ -73,9 +73,7 @@ def _apply_event(self: Task[Any, Any], copy: processing.Copy) -> str:
         # acknowledged. It is retried like a transient error, and fails after the limit.
         log.exception("event.unexpected_error")
         return _retry(self, exc, event_id=processing.event_id_of(body))
-    if result.refused:
-        return "refused"
-    return result.outcome.value if result.outcome else "unrecordable"
+    return result.task_result
 
 
 def _defer(task: Task[Any, Any], exc: Deferred) -> str:
@@ -103,7 +101,7 @@ def _retry(task: Task[Any, Any], exc: Exception, *, event_id: str | None) -> str
     """Retry with backoff; after the retry limit, record the event as failed."""
     request = task.request
     if request.retries >= settings.max_retries and event_id:
-        reason = f"gave up after {request.retries} retries; last error: {exc}"[:2000]
+        reason = f"gave up after {request.retries} retries; last error: {exc}"
         try:
             return processing.fail(settings, event_id, reason).outcome or "failed"
         except TransientError:
@@ -144,7 +142,7 @@ def sweep_stuck_events() -> int:
     """
     with transaction(processing.engine(settings)) as conn:
         stuck = store.stuck_events(conn, settings.stuck_after_seconds, limit=SWEEP_BATCH)
-    count = republish(stuck, source="sweeper")
+    count = sender("sweeper").stored(stuck)
     if count:
         log.warning(
             "events.swept",
@@ -159,9 +157,14 @@ def sweep_stuck_events() -> int:
     # Acknowledged on receipt: a run lost with its worker is redone by the next tick, and a
     # long backfill must not be handed to a second worker when the visibility timeout ends.
     acks_late=False,
-    soft_time_limit=TASK_SOFT_TIME_LIMIT_S,
-    time_limit=TASK_TIME_LIMIT_S,
+    soft_time_limit=RECONCILE_SOFT_TIME_LIMIT_S,
+    time_limit=RECONCILE_TIME_LIMIT_S,
 )
 def reconcile_events() -> int:
     """Publish events DR's Events API has that were never applied (see worker.reconcile)."""
-    return run_scheduled(settings, processing.engine(settings))
+    return run_scheduled(settings, processing.engine(settings), sender("reconcile"))
+
+
+def sender(source: str) -> Sender:
+    """Publishes events.apply messages from this worker, sealed with the newest queue key."""
+    return Sender(app, processing.queue_keys(settings).signing_key(), settings.queue, source)

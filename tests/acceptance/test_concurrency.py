@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Connection, text
 
 from tests import deadlines, support
-from tests.conftest import Stack
+from tests.support import Stack
 
 
 def _event(order_id: str, refund_id: str, state: str, created: str) -> dict[str, Any]:

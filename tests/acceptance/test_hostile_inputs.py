@@ -28,7 +28,7 @@ from _pytest.mark import ParameterSet
 from sqlalchemy import text
 
 from tests import deadlines, support
-from tests.conftest import Stack
+from tests.support import Stack
 
 # --- building blocks ---------------------------------------------------------------------
 

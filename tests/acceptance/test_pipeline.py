@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from tests import deadlines, eventgen, support
-from tests.conftest import Stack
+from tests.support import Stack
 
 # DR's published examples, in the order of the order's life (the files are numbered).
 EXAMPLES = sorted(path.name for path in (support.FIXTURES / "dr_examples").glob("*.json"))

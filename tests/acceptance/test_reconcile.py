@@ -22,8 +22,8 @@ from sqlalchemy import Engine, text
 
 from models.rules import HANDLED_EVENTS
 from tests import deadlines, eventgen, support
-from tests.conftest import Stack
 from tests.fake_dr import API_KEY, NORMAL, FakeDR, malformed, server_error, slow, too_many
+from tests.support import Stack
 from worker.dr_api import (
     DRApiMalformed,
     DRApiRefused,

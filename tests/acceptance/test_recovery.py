@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import text
 
 from tests import deadlines, support
-from tests.conftest import Stack
+from tests.support import Stack
 
 
 def _refund_event(order_id: str, state: str = "pending") -> dict[str, Any]:

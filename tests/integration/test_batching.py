@@ -19,7 +19,7 @@ import redis as redis_client
 from sqlalchemy import Engine, text
 
 from tests import deadlines, eventgen, support
-from tests.integration.test_task_events import EventTap
+from tests.support import EventTap
 
 
 @dataclass

@@ -17,11 +17,11 @@ from sqlalchemy import Engine, text
 
 from models import store, trust
 from models.db import autocommit
-from models.messages import apply_args
 from models.rules import Outcome
 from models.settings import Settings
 from tests import eventgen, support
 from worker import processing
+from worker.queue.contract import apply_args
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from kombu.connection import Connection
 from kombu.transport import TRANSPORT_ALIASES
 
 from tests import deadlines, support
-from worker import redis_broker
+from worker.queue import redis_transport
 
 
 @pytest.fixture(autouse=True)
@@ -22,14 +22,14 @@ def _registered(monkeypatch: pytest.MonkeyPatch) -> None:
     """refundsync's transport serves redis:// URLs in this process for the test only."""
     for scheme in ("redis", "rediss"):
         monkeypatch.setitem(TRANSPORT_ALIASES, scheme, TRANSPORT_ALIASES[scheme])
-    redis_broker.register()
+    redis_transport.register()
 
 
 def test_a_message_taken_when_redis_stopped_goes_back_marked_redelivered() -> None:
     server = support.RedisServer(appendonly=True).start()
     try:
         with Connection(server.url) as connection:
-            assert isinstance(connection.transport, redis_broker.Transport)
+            assert isinstance(connection.transport, redis_transport.Transport)
             connection.SimpleQueue("q").put({"n": 1})
             channel = connection.channel()
             message = channel.Message(channel._get("q"), channel=channel)
@@ -39,7 +39,7 @@ def test_a_message_taken_when_redis_stopped_goes_back_marked_redelivered() -> No
             )
             with pytest.raises(channel.connection_errors):
                 channel.qos.append(message, message.delivery_tag)
-        assert redis_broker._stranded
+        assert redis_transport._stranded
 
         server.start()
         # In no Redis key: without the worker it would be gone.
@@ -50,9 +50,9 @@ def test_a_message_taken_when_redis_stopped_goes_back_marked_redelivered() -> No
             assert again.payload == {"n": 1}
             assert again.delivery_info["redelivered"] is True
             again.ack()
-        assert redis_broker._stranded == []
+        assert redis_transport._stranded == []
     finally:
-        redis_broker._stranded.clear()
+        redis_transport._stranded.clear()
         server.cleanup()
 
 

@@ -2,49 +2,16 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import random
-import threading
-import time
 import uuid
-from typing import Any
-
-import redis as redis_client
 
 from tests import deadlines, eventgen, support
+from tests.support import EventTap
 from worker.consumer import EVENT_FLUSH_S
 
 # Celery's own limit: a buffer this full is published at once.
 CELERY_BUFFER_LIMIT = 24
-
-
-class EventTap(threading.Thread):
-    """Every publish on Celery's event exchange, with the task events it carries."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.pubsub = redis_client.Redis.from_url(url).pubsub()
-        self.pubsub.psubscribe("*celeryev*")
-        self.publishes: list[tuple[float, list[dict[str, Any]]]] = []
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        while not self.halt.is_set():
-            message = self.pubsub.get_message(timeout=0.2)
-            if not message or message["type"] != "pmessage":
-                continue
-            envelope = json.loads(message["data"])
-            body = json.loads(base64.b64decode(envelope["body"]))
-            events = body if isinstance(body, list) else [body]
-            tasks = [e for e in events if str(e.get("type", "")).startswith("task-")]
-            if tasks:
-                self.publishes.append((time.monotonic(), tasks))
-
-    def stop(self) -> None:
-        self.halt.set()
-        self.join()
-        self.pubsub.close()
 
 
 def _task_ids(tap: EventTap, kind: str = "task-succeeded") -> set[str]:

@@ -336,7 +336,7 @@ def test_ingest_message_has_the_shape_kombu_writes(empty_queue: BareIngest) -> N
     """The ingest wraps Celery's message itself; it must match what send_task writes."""
     from celery import Celery
 
-    from models.messages import APPLY_TASK, apply_options
+    from worker.queue.contract import APPLY_TASK, apply_options
 
     body = _event()
     assert empty_queue.post(body, support.signed_headers(body)).status_code == 202

@@ -1,5 +1,6 @@
-"""The standalone mode's SQLite queue (worker.broker) on its own: what a worker that dies
-holding a message leaves behind, and what `refundsync run` makes of it at the next start."""
+"""The standalone mode's SQLite queue (worker.queue.sqlite_transport) on its own: what a
+worker that dies holding a message leaves behind, and what `refundsync run` makes of it at
+the next start."""
 
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ import pytest
 from kombu.connection import Connection
 
 from tests import deadlines
-from worker.broker import broker_url, prepare
+from worker.queue.sqlite_transport import broker_url, prepare, register
 
 _TAKE_AND_DIE = """
 import os, sys
 from kombu.connection import Connection
-import worker.broker
+from worker.queue import sqlite_transport
+sqlite_transport.register()
 connection = Connection(sys.argv[1])
 message = connection.SimpleQueue("q").get(timeout=5)
 print(message.payload, bool(message.delivery_info.get("redelivered")), flush=True)
@@ -33,6 +35,7 @@ os._exit(0)
 
 @pytest.fixture
 def url() -> Iterator[str]:
+    register()
     path = Path(tempfile.mkdtemp(prefix="refundsync-broker-"))
     try:
         yield broker_url(str(path / "broker.db"))

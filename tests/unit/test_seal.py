@@ -1,13 +1,13 @@
-"""The seal of events.apply messages (models.messages) and the keys that make it
-(models.trust.QueueKeys): pure, no processes."""
+"""The seal of events.apply messages (worker.queue.contract) and the keys that make it
+(worker.queue.keys.QueueKeys): pure, no processes."""
 
 from __future__ import annotations
 
 import pytest
 
 from models.errors import ConfigError
-from models.messages import apply_args, seal, sealed
-from models.trust import QueueKeys
+from worker.queue.contract import apply_args, seal, sealed
+from worker.queue.keys import QueueKeys
 
 KEY = bytes(range(32))
 OTHER = bytes(range(1, 33))

@@ -28,9 +28,9 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from models.errors import RefundSyncError
-from models.messages import APPLY_TASK, apply_args, apply_options
-from models.trust import QueueKeys
-from worker.broker import is_standalone
+from worker.queue import sqlite_transport
+from worker.queue.contract import APPLY_TASK, apply_args, apply_options
+from worker.queue.keys import QueueKeys
 
 # DR gives up on a delivery after 3 s; a broker that has not answered in 2 s is treated as
 # down so DR gets a 503 and retries, rather than a timeout.
@@ -59,9 +59,9 @@ class EventQueue(Protocol):
 
 def event_queue(broker_url: str, queue: str, keys: QueueKeys) -> EventQueue:
     """The publisher for this broker: Redis, or the standalone mode's SQLite file. Messages
-    are sealed with `keys` (models.messages)."""
-    if is_standalone(broker_url):
-        return CeleryPublisher(queue, keys)
+    are sealed with `keys` (worker.queue.contract)."""
+    if sqlite_transport.is_standalone(broker_url):
+        return CeleryPublisher(broker_url, queue, keys)
     return Publisher(broker_url, queue, keys)
 
 
@@ -198,12 +198,17 @@ class CeleryPublisher:
     message as the Redis publisher's, which the tests check on both.
     """
 
-    def __init__(self, queue: str, keys: QueueKeys) -> None:
-        from worker.app import app
-
+    def __init__(self, broker_url: str, queue: str, keys: QueueKeys) -> None:
+        sqlite_transport.register()
         self.queue = queue
         self._keys = keys
-        self._app = app
+        # A Celery app of its own: publishing needs only the broker, not the worker's app.
+        self._app = Celery("refundsync-ingest", set_as_current=False)
+        self._app.conf.update(
+            broker_url=broker_url,
+            broker_transport_options=sqlite_transport.TRANSPORT_OPTIONS,
+            task_serializer="json",
+        )
         self._lock = threading.Lock()
 
     def _send(self, body: str, event_id: str, event_type: str, received_at: str) -> None:

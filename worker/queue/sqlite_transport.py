@@ -31,9 +31,13 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.db import SQLITE_BUSY_TIMEOUT_S
+
 log = logging.getLogger("refundsync.worker")
 
 SCHEME = "refundsync-sqlite"
+# Options for its Celery apps; they go to SQLAlchemy's create_engine.
+TRANSPORT_OPTIONS = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
 # Where the message row's id travels with a delivered message.
 _ROW = "refundsync_row"
 
@@ -160,7 +164,9 @@ class Transport(kombu_sqlalchemy.Transport):
     polling_interval = 0.1
 
 
-TRANSPORT_ALIASES[SCHEME] = f"{__name__}:Transport"
+def register() -> None:
+    """Serve this broker's URLs (`broker_url`) with the transport above in this process."""
+    TRANSPORT_ALIASES[SCHEME] = f"{__name__}:Transport"
 
 
 def prepare(url: str, queue: str) -> int:
@@ -171,6 +177,7 @@ def prepare(url: str, queue: str) -> int:
     on first use in each process, and two processes doing that at once can collide. Only
     safe while no worker consumes from this broker.
     """
+    register()
     with Connection(url) as connection:
         connection.default_channel.queue_declare(queue=queue)
     engine = create_engine(url.removeprefix(f"{SCHEME}+"))

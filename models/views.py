@@ -1,0 +1,65 @@
+"""The read API's JSON views (the contract's order refund summary and event processing
+record), shared by `GET /orders`, `GET /events` and the CLI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, select
+
+from models.rules import iso, summarize
+from models.store import load_order
+from models.tables import webhook_events
+
+
+def order_summary(conn: Connection, order_id: str) -> dict[str, Any] | None:
+    """The contract's order refund summary, or None for an unknown order."""
+    loaded = load_order(conn, order_id)
+    return None if loaded is None else summarize(*loaded)
+
+
+_RECORD_COLUMNS = (
+    webhook_events.c.id,
+    webhook_events.c.type,
+    webhook_events.c.created_time,
+    webhook_events.c.live_mode,
+    webhook_events.c.received_at,
+    webhook_events.c.processed_at,
+    webhook_events.c.outcome,
+    webhook_events.c.deliveries,
+    webhook_events.c.attempts,
+    webhook_events.c.error,
+)
+
+
+def _record(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "type": row.type,
+        "createdTime": iso(row.created_time),
+        "liveMode": row.live_mode,
+        "receivedAt": iso(row.received_at),
+        "processedAt": iso(row.processed_at),
+        "outcome": row.outcome,
+        "deliveries": row.deliveries,
+        "attempts": row.attempts,
+        "error": row.error,
+    }
+
+
+def event_record(conn: Connection, event_id: str) -> dict[str, Any] | None:
+    """The contract's event processing record, or None."""
+    row = conn.execute(
+        select(*_RECORD_COLUMNS).where(webhook_events.c.id == event_id)
+    ).one_or_none()
+    return None if row is None else _record(row)
+
+
+def event_records(conn: Connection, *, outcome: str | None, limit: int) -> list[dict[str, Any]]:
+    """Processing records, newest first, optionally of one outcome."""
+    query = select(*_RECORD_COLUMNS).order_by(
+        webhook_events.c.received_at.desc(), webhook_events.c.id
+    )
+    if outcome is not None:
+        query = query.where(webhook_events.c.outcome == outcome)
+    return [_record(row) for row in conn.execute(query.limit(limit))]
