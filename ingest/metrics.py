@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from models import store
+from models import ledger
 from models.telemetry import service_registry
 
 _SCRAPE = threading.Lock()
@@ -55,7 +55,7 @@ class StateCollector(Collector):
         )
         try:
             with self._engine().connect() as conn:
-                backlog = store.backlog(conn)
+                backlog = ledger.backlog(conn)
             oldest.add_metric([], backlog.oldest_unfinished_age_s)
             failed.add_metric([], backlog.failed)
         except SQLAlchemyError:

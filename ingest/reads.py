@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ingest.responses import error, ok
-from models import store, views
+from models import ledger, views
 from models.db import make_engine
 from models.payloads import could_be_stored_id
 from models.rules import Outcome
@@ -151,7 +151,7 @@ async def ready(request: Request) -> Response:
     except BrokerUnavailable:
         failed.append("redis")
     try:
-        await _query(request, store.ping)
+        await _query(request, ledger.ping)
     except SQLAlchemyError:
         failed.append("postgres")
     if failed:

@@ -8,7 +8,17 @@ from typing import Any, cast
 
 import psycopg
 from psycopg.rows import namedtuple_row
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Insert,
+    Table,
+    bindparam,
+    create_engine,
+    event,
+)
+from sqlalchemy import cast as sa_cast
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -200,3 +210,35 @@ def describe(exc: SQLAlchemyError) -> str:
     cause = getattr(exc, "orig", None) or exc
     lines = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {lines[0][:300]}" if lines else type(cause).__name__
+
+
+def insert_statement(dialect: str, table: Table) -> postgresql.Insert:
+    """The dialect's INSERT, the one with ON CONFLICT (Postgres and SQLite spell it alike)."""
+    if dialect == "sqlite":
+        # SQLite's Insert has the same on_conflict_* methods and `excluded`.
+        return cast(postgresql.Insert, sqlite.insert(table))
+    return postgresql.insert(table)
+
+
+def upsert(dialect: str, table: Table, keys: tuple[str, ...], fields: tuple[str, ...]) -> Insert:
+    """Insert a row from bound parameters named after its columns, or update its fields."""
+    statement = insert_statement(dialect, table).values(
+        {name: bindparam(name) for name in keys + fields}
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[table.c[key] for key in keys],
+        set_={name: statement.excluded[name] for name in fields},
+    )
+
+
+def insert_for(conn: Connection, table: Table) -> postgresql.Insert:
+    """The INSERT with ON CONFLICT for this connection's database."""
+    return insert_statement(conn.dialect.name, table)
+
+
+def payload_value(dialect: str, raw: Any) -> Any:
+    """The raw JSON text as a stored payload."""
+    if dialect == "sqlite":
+        return raw
+    # Postgres parses the raw text; the payload is never decoded and encoded again here.
+    return sa_cast(raw, postgresql.JSONB)

@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from pythonjsonlogger.json import JsonFormatter
 
 # A reason or error in a log line is cut to this length: the whole of it is stored with the
-# event (models.store.ERROR_CHARS), and a log line stays a line.
+# event (models.ledger.ERROR_CHARS), and a log line stays a line.
 LOGGED_CHARS = 300
 
 _bound: ContextVar[dict[str, str]] = ContextVar("refundsync_log_fields", default={})  # noqa: B039 - never mutated
@@ -63,3 +63,7 @@ def configure(level: str = "INFO") -> None:
     root.setLevel(level)
     # Alembic announces each of its plugins at INFO; that is noise for operators.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    # httpx logs every request at INFO; a reconciliation backfill makes thousands. The DR
+    # client (worker.dr_api) logs its retries and failures itself, with the fields that
+    # matter.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import Connection, insert, select
 
-from models.store import ERROR_CHARS
+from models.ledger import ERROR_CHARS
 from models.tables import queue_keys, refused_messages
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
+from models.orders import load_order
 from models.rules import iso, summarize
-from models.store import load_order
 from models.tables import webhook_events
 
 

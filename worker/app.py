@@ -1,4 +1,6 @@
-"""The Celery app (`celery -A worker.app worker|beat|flower`).
+"""The Celery app (`celery -A worker.app worker|beat|flower`): `create_app(settings)`, and
+`worker.app:app` built from the environment when first asked for. Importing this module
+reads no settings, connects nothing and fills no registry.
 
 Celery with Redis delivers at least once; these settings make sure that "at least" holds
 even when a worker dies, and the convergence rule makes the "more than once" harmless.
@@ -9,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+from typing import Any
 
 from celery import Celery
 from celery.signals import (
@@ -22,7 +25,7 @@ from celery.signals import (
 )
 
 from models import logs, telemetry
-from models.settings import load_or_exit
+from models.settings import Settings, load_or_exit
 from models.telemetry import share_metrics_between_processes
 from worker.policy import (
     BATCH_LIMIT,
@@ -32,11 +35,6 @@ from worker.policy import (
 )
 from worker.queue import redis_transport, sqlite_transport
 from worker.queue.contract import RECONCILE_TASK, SWEEP_TASK
-
-settings = load_or_exit("REDIS_URL")
-# Before any connection exists: a message Redis stops delivering halfway is kept, not lost.
-redis_transport.register()
-sqlite_transport.register()
 
 REDIS_TRANSPORT_OPTIONS = {
     "visibility_timeout": VISIBILITY_TIMEOUT_S,
@@ -49,91 +47,125 @@ REDIS_TRANSPORT_OPTIONS = {
     "socket_timeout": 15,
     "health_check_interval": 25,
 }
-# The standalone mode's SQLite broker (worker.queue.sqlite_transport): one worker, no monitors.
-STANDALONE = sqlite_transport.is_standalone(settings.redis_url or "")
 
-# Tasks are imported when a worker starts, not when a publisher imports the app.
-app = Celery("refundsync", set_as_current=True, include=["worker.tasks"])
-app.conf.update(
-    broker_url=settings.redis_url,
-    broker_connection_retry_on_startup=True,
-    broker_transport_options=(
-        sqlite_transport.TRANSPORT_OPTIONS if STANDALONE else REDIS_TRANSPORT_OPTIONS
-    ),
-    task_default_queue=settings.queue,
-    task_serializer="json",
-    accept_content=["json"],
-    result_backend=None,
-    task_ignore_result=True,
-    # Acknowledge only after the event's outcome is committed; a worker process that dies
-    # mid-task leaves its message to be delivered again.
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    # Messages held per pool process: a batch on its way and the next one waiting
-    # (worker.batching). A dead worker's are back after the visibility timeout. The
-    # standalone mode applies one message at a time.
-    worker_prefetch_multiplier=1 if STANDALONE else 2 * BATCH_LIMIT,
-    task_time_limit=TASK_TIME_LIMIT_S,
-    # A task killed by that limit may have died inside the transaction that records its
-    # event, leaving no trace: its message goes back on the queue (marked redelivered, so
-    # it is tried with its attempt marked as started, and one that keeps timing out counts
-    # as a poison event) instead of being acknowledged.
-    task_acks_on_timeout=False,
-    # Task events feed Flower; the SQLite broker has no fanout exchange to carry them.
-    worker_send_task_events=not STANDALONE,
-    # Task events go out in batches (worker.consumer).
-    worker_consumer="worker.consumer:Consumer",
-    worker_enable_remote_control=not STANDALONE,
-    task_send_sent_event=False,
-    enable_utc=True,
-)
-app.conf.beat_schedule = {
-    "sweep-stuck-events": {
-        "task": SWEEP_TASK,
-        "schedule": float(settings.sweep_interval_seconds),
-        # A sweep that could not run in time is skipped, never piled up.
-        "options": {"expires": float(settings.sweep_interval_seconds)},
-    },
-}
-if settings.dr_api_key is not None:
-    # Reconciliation with DR's Events API needs a key; without one it is off
-    # (docs/reconciliation.md).
-    app.conf.beat_schedule["reconcile-events"] = {
-        "task": RECONCILE_TASK,
-        "schedule": float(settings.reconcile_interval_seconds),
-        "options": {"expires": float(settings.reconcile_interval_seconds)},
+# Set by the first use of `app` (see __getattr__): the app of this process, its settings,
+# and whether it runs on the standalone mode's SQLite broker (worker.queue.sqlite_transport:
+# one worker, no monitors).
+app: Celery
+settings: Settings
+STANDALONE: bool
+# The settings the hooks below run with: those create_app was given.
+_hooked: Settings | None = None
+
+
+def create_app(settings: Settings) -> Celery:
+    """The Celery app for `settings`, with refundsync's process hooks connected."""
+    # Before any connection exists: a message Redis stops delivering halfway is kept, not
+    # lost.
+    redis_transport.register()
+    sqlite_transport.register()
+    standalone = sqlite_transport.is_standalone(settings.redis_url or "")
+    # Tasks are imported when a worker starts, not when a publisher imports the app.
+    app = Celery("refundsync", set_as_current=True, include=["worker.tasks"])
+    app.conf.update(
+        broker_url=settings.redis_url,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=(
+            sqlite_transport.TRANSPORT_OPTIONS if standalone else REDIS_TRANSPORT_OPTIONS
+        ),
+        task_default_queue=settings.queue,
+        task_serializer="json",
+        accept_content=["json"],
+        result_backend=None,
+        task_ignore_result=True,
+        # Acknowledge only after the event's outcome is committed; a worker process that dies
+        # mid-task leaves its message to be delivered again.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # Messages held per pool process: a batch on its way and the next one waiting
+        # (worker.batching). A dead worker's are back after the visibility timeout. The
+        # standalone mode applies one message at a time.
+        worker_prefetch_multiplier=1 if standalone else 2 * BATCH_LIMIT,
+        task_time_limit=TASK_TIME_LIMIT_S,
+        # A task killed by that limit may have died inside the transaction that records its
+        # event, leaving no trace: its message goes back on the queue (marked redelivered, so
+        # it is tried with its attempt marked as started, and one that keeps timing out counts
+        # as a poison event) instead of being acknowledged.
+        task_acks_on_timeout=False,
+        # Task events feed Flower; the SQLite broker has no fanout exchange to carry them.
+        worker_send_task_events=not standalone,
+        # Task events go out in batches (worker.consumer).
+        worker_consumer="worker.consumer:Consumer",
+        worker_enable_remote_control=not standalone,
+        task_send_sent_event=False,
+        enable_utc=True,
+    )
+    app.conf.beat_schedule = {
+        "sweep-stuck-events": {
+            "task": SWEEP_TASK,
+            "schedule": float(settings.sweep_interval_seconds),
+            # A sweep that could not run in time is skipped, never piled up.
+            "options": {"expires": float(settings.sweep_interval_seconds)},
+        },
     }
+    if settings.dr_api_key is not None:
+        # Reconciliation with DR's Events API needs a key; without one it is off
+        # (docs/reconciliation.md).
+        app.conf.beat_schedule["reconcile-events"] = {
+            "task": RECONCILE_TASK,
+            "schedule": float(settings.reconcile_interval_seconds),
+            "options": {"expires": float(settings.reconcile_interval_seconds)},
+        }
+
+    global _hooked
+    _hooked = settings
+    for signal, handler in _HOOKS:
+        signal.connect(handler, weak=False)
+    return app
 
 
-@setup_logging.connect
+def _settings() -> Settings:
+    assert _hooked is not None  # noqa: S101 - hooks are connected by create_app only
+    return _hooked
+
+
+def __getattr__(name: str) -> Any:
+    """`app`, `settings` and `STANDALONE`, made on first use from the environment (what
+    `celery -A worker.app` and the tasks use)."""
+    if name not in ("app", "settings", "STANDALONE"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    loaded = load_or_exit("REDIS_URL")
+    globals().update(
+        settings=loaded,
+        STANDALONE=sqlite_transport.is_standalone(loaded.redis_url or ""),
+        app=create_app(loaded),
+    )
+    return globals()[name]
+
+
 def _logging(loglevel: str | None = None, **_: object) -> None:
     # Connected, this replaces Celery's own logging setup with refundsync's JSON lines.
     logs.configure(loglevel or "INFO")
 
 
-@beat_init.connect
-@worker_ready.connect
 def _reconcile_status(**_: object) -> None:
     from worker.reconcile import log_status
 
-    log_status(settings)
+    log_status(_settings())
 
 
-@import_modules.connect
 def _metrics_directory(**_: object) -> None:
     # Before the worker imports its tasks (and with them prometheus_client) and before the
     # pool forks, so every pool process counts into files the main process adds up.
     share_metrics_between_processes()
 
 
-@worker_init.connect
 def _require_database(**_: object) -> None:
     # Flower and beat import this app without a database; a worker must not start without
     # one, or it would take messages it cannot record.
     load_or_exit("REDIS_URL", "DATABASE_URL")
 
 
-@worker_process_init.connect
 def _after_fork(**_: object) -> None:
     # Connections must never cross a fork; each pool process opens its own.
     from worker import processing
@@ -142,7 +174,6 @@ def _after_fork(**_: object) -> None:
     freeze_startup_objects()
 
 
-@worker_ready.connect
 def _main_process_ready(**_: object) -> None:
     freeze_startup_objects()
 
@@ -158,8 +189,8 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-@worker_ready.connect
 def _serve_metrics(**_: object) -> None:
+    settings = _settings()
     if settings.metrics_addr:
         from worker import metrics
 
@@ -172,7 +203,19 @@ def _serve_metrics(**_: object) -> None:
             )
 
 
-@worker_process_shutdown.connect
 def _pool_process_gone(pid: int | None = None, **_: object) -> None:
-
     telemetry.forget_process(pid or os.getpid())
+
+
+# refundsync's process hooks, connected by create_app.
+_HOOKS = (
+    (setup_logging, _logging),
+    (beat_init, _reconcile_status),
+    (worker_ready, _reconcile_status),
+    (import_modules, _metrics_directory),
+    (worker_init, _require_database),
+    (worker_process_init, _after_fork),
+    (worker_ready, _main_process_ready),
+    (worker_ready, _serve_metrics),
+    (worker_process_shutdown, _pool_process_gone),
+)

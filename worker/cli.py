@@ -160,9 +160,9 @@ def _celery(command: str, args: list[str]) -> None:
     """
     from celery.bin.celery import celery
 
-    # Imported here first: Celery would report a failure to import the app as a usage
-    # error (status 2).
-    import worker.app  # noqa: F401
+    # Made here first: Celery would report a failure to make the app (REDIS_URL unset) as
+    # a usage error (status 2).
+    from worker.app import app  # noqa: F401
 
     argv = ["--app", "worker.app:app", command, "--loglevel", "INFO", *args]
     celery.main(argv, prog_name="refundsync", standalone_mode=True)
@@ -324,14 +324,14 @@ def events_refused(limit: int) -> None:
 @click.option("--dry-run", is_flag=True, help="Print what each would change; touch nothing.")
 @click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 100_000))
 def events_replay(event_ids: tuple[str, ...], all_failed: bool, dry_run: bool, limit: int) -> None:
-    from models import store
+    from models import ledger
 
     if bool(event_ids) == all_failed:
         raise click.UsageError("give event ids or --failed (one of the two)")
     if all_failed:
-        found = _read(store.failed_events, limit)
+        found = _read(ledger.failed_events, limit)
     else:
-        found = _read(store.stored_events, list(event_ids))
+        found = _read(ledger.stored_events, list(event_ids))
     missing = sorted(set(event_ids) - {event.id for event in found})
     if dry_run:
         _preview(found)
@@ -378,7 +378,7 @@ def _preview(found: list[Any]) -> None:
 
 
 def _replay(found: list[Any]) -> None:
-    from models import store
+    from models import ledger
     from models.db import transaction
     from worker import processing
 
@@ -393,7 +393,7 @@ def _replay(found: list[Any]) -> None:
         # event unfinished and publishes it later.
         try:
             with transaction(processing.engine(settings)) as conn:
-                store.requeue(conn, event.id)
+                ledger.requeue(conn, event.id)
             sender("replay").stored([event])
         except SQLAlchemyError as exc:
             _fail(f"replay of {event.id} failed: {describe(exc)}")

@@ -34,9 +34,6 @@ from models.payloads import Instant, Order, load_json
 from models.rules import iso
 
 log = logging.getLogger("refundsync.dr_api")
-# httpx logs every request at INFO; a backfill makes thousands. Retries and failures are
-# logged here, with the fields that matter.
-logging.getLogger("httpx").setLevel(logging.WARNING)
 
 PAGE_LIMIT = 100
 USER_AGENT = "refundsync/0.1"

@@ -21,7 +21,7 @@ from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import Connection, Engine
 from sqlalchemy import exc as sa_exc
 
-from models import store, trust
+from models import ledger, orders, store, trust
 from models.db import autocommit, is_sqlite, make_engine, transaction
 from models.errors import ConfigError, Deferred, InvalidEvent, PermanentError, TransientError
 from models.logs import bound, brief
@@ -91,7 +91,7 @@ class Result:
         return self.outcome.value if self.outcome else metrics.UNRECORDABLE
 
 
-def header_of(data: Any) -> store.EventHeader:
+def header_of(data: Any) -> ledger.EventHeader:
     """The fields needed to record an event at all; anything less is unrecordable."""
     if not isinstance(data, dict):
         raise InvalidEvent("event is not a JSON object")
@@ -106,7 +106,7 @@ def header_of(data: Any) -> store.EventHeader:
         created = _CREATED_TIME.validate_python(data.get("createdTime"))
     except ValidationError:
         created = None
-    return store.EventHeader(
+    return ledger.EventHeader(
         id=event_id,
         type=event_type,
         created_time=as_utc(created) if created else None,
@@ -266,7 +266,7 @@ def process(settings: Settings, copy: Copy) -> Result:
     return result
 
 
-def _observe(header: store.EventHeader, copy: Copy, result: Result) -> None:
+def _observe(header: ledger.EventHeader, copy: Copy, result: Result) -> None:
     metrics.observe(
         header.type,
         result.outcome,
@@ -284,7 +284,7 @@ def event_id_of(body: str) -> str | None:
         return None
 
 
-def _process_copy(settings: Settings, header: store.EventHeader, data: Any, copy: Copy) -> Result:
+def _process_copy(settings: Settings, header: ledger.EventHeader, data: Any, copy: Copy) -> Result:
     db = engine(settings)
     retry_error: TransientError | None = None
     if not copy.redelivered:
@@ -300,7 +300,7 @@ def _process_copy(settings: Settings, header: store.EventHeader, data: Any, copy
             # retry it like a transient error, its error kept on the event for operators.
             log.exception("event.unexpected_error")
             retry_error = TransientError(
-                f"unexpected error: {type(exc).__name__}: {exc}"[: store.ERROR_CHARS]
+                f"unexpected error: {type(exc).__name__}: {exc}"[: ledger.ERROR_CHARS]
             )
     # An earlier attempt died with its worker, or this one failed: nothing of it committed.
     # The copy is recorded in a transaction of its own first, so its attempt counts however
@@ -321,7 +321,7 @@ def _process_copy(settings: Settings, header: store.EventHeader, data: Any, copy
 
 
 def _verdict(
-    settings: Settings, header: store.EventHeader, delivery: store.Delivery
+    settings: Settings, header: ledger.EventHeader, delivery: ledger.Delivery
 ) -> Result | None:
     """What a recorded copy comes to without applying it; None when it is to be applied."""
     if delivery.outcome in FINAL_OUTCOMES:
@@ -342,7 +342,7 @@ def _verdict(
 
 
 def _record_and_apply(
-    db: Engine, settings: Settings, header: store.EventHeader, data: Any, copy: Copy
+    db: Engine, settings: Settings, header: ledger.EventHeader, data: Any, copy: Copy
 ) -> Result:
     # Validated first (pure, no lock held yet): an invalid event takes the two-step path,
     # which records it and its reason.
@@ -377,7 +377,7 @@ class _Ready:
 
     index: int
     copy: Copy
-    header: store.EventHeader
+    header: ledger.EventHeader
     interpreted: tuple[Envelope, Plan | Ignore]
     labels: dict[str, str]
 
@@ -442,11 +442,11 @@ def process_together(
 
 def _apply_together(db: Engine, settings: Settings, ready: list[_Ready]) -> list[Result]:
     # Event rows are locked in the order of their ids, then orders in the order of theirs
-    # (store.lock_orders), as a single copy locks its event row before its order: two
+    # (orders.lock_orders), as a single copy locks its event row before its order: two
     # transactions never wait on each other in a cycle.
     by_id = sorted(ready, key=lambda item: item.header.id)
     with transaction(db) as conn:
-        recorded = store.record_copies(
+        recorded = ledger.record_copies(
             conn,
             [
                 (
@@ -463,7 +463,7 @@ def _apply_together(db: Engine, settings: Settings, ready: list[_Ready]) -> list
             for item, verdict in zip(ready, verdicts, strict=True)
             if verdict is None and isinstance(item.interpreted[1], Plan)
         }
-        before = store.lock_orders(conn, list(order_ids)) if order_ids else {}
+        before = orders.lock_orders(conn, list(order_ids)) if order_ids else {}
         states = dict(before)
         decided = [
             # Events for one order apply one after the other, each to its predecessor's
@@ -478,9 +478,9 @@ def _apply_together(db: Engine, settings: Settings, ready: list[_Ready]) -> list
 def _process(
     settings: Settings,
     db: Engine,
-    header: store.EventHeader,
+    header: ledger.EventHeader,
     data: Any,
-    delivery: store.Delivery,
+    delivery: ledger.Delivery,
 ) -> Result:
     verdict = _verdict(settings, header, delivery)
     if verdict is not None and verdict.duplicate:
@@ -491,13 +491,13 @@ def _process(
         return fail(settings, header.id, str(exc))
 
 
-def preview(settings: Settings, event: store.StoredEvent) -> Result:
+def preview(settings: Settings, event: ledger.StoredEvent) -> Result:
     """What applying a stored event now would do, in a transaction that is rolled back."""
     data = load_json(event.payload)
     db = engine(settings)
     with db.connect() as conn, conn.begin() as scope:
         try:
-            store.requeue(conn, event.id)
+            ledger.requeue(conn, event.id)
             return _db(lambda: _apply_in(conn, settings, event.id, data))
         except PermanentError as exc:
             return Result(event.id, Outcome.FAILED, reason=str(exc))
@@ -505,11 +505,11 @@ def preview(settings: Settings, event: store.StoredEvent) -> Result:
             scope.rollback()
 
 
-def _record(db: Engine, header: store.EventHeader, copy: Copy) -> store.Delivery:
-    def record(raw: str) -> store.Delivery:
+def _record(db: Engine, header: ledger.EventHeader, copy: Copy) -> ledger.Delivery:
+    def record(raw: str) -> ledger.Delivery:
         # One statement, committed on its own.
         with autocommit(db) as conn:
-            return store.record_delivery(
+            return ledger.record_delivery(
                 conn,
                 header,
                 raw,
@@ -578,7 +578,7 @@ def _apply_in(
 ) -> Result:
     """Lock the event row and apply the event, or record `verdict` instead of applying it,
     unless the event finished meanwhile."""
-    outcome = store.lock_event(conn, event_id)
+    outcome = ledger.lock_event(conn, event_id)
     if outcome in FINAL_OUTCOMES:
         return Result(event_id, outcome, duplicate=True)
     interpreted = None if verdict is not None else _interpret(settings, data)
@@ -610,7 +610,7 @@ class _Decided:
 
     result: Result
     # The event's outcome to record; None when there is nothing to record (a duplicate).
-    finish: store.Finish | None = None
+    finish: ledger.Finish | None = None
     history: tuple[dict[str, Any], ...] = ()
     # The order whose state the event changed.
     changed: str | None = None
@@ -628,21 +628,21 @@ def _decide(
     if verdict is not None or interpreted is None:
         assert verdict is not None  # noqa: S101 - a programming error, not input
         if verdict.outcome is Outcome.FAILED and not verdict.duplicate:
-            failed = store.Finish(event_id, Outcome.FAILED, error=verdict.reason or "")
+            failed = ledger.Finish(event_id, Outcome.FAILED, error=verdict.reason or "")
             return _Decided(verdict, failed)
         return _Decided(verdict)
     envelope, plan = interpreted
     if isinstance(plan, Ignore):
         ignored = Result(event_id, Outcome.IGNORED, reason=plan.reason, event_type=envelope.type)
-        return _Decided(ignored, store.Finish(event_id, Outcome.IGNORED, error=plan.reason))
+        return _Decided(ignored, ledger.Finish(event_id, Outcome.IGNORED, error=plan.reason))
     ref = EventRef(as_utc(envelope.createdTime), envelope.id)
     decision = apply(states[plan.order_id], ref, plan)
     states[plan.order_id] = decision.state
     changes = decision.changes
     return _Decided(
         _decided(envelope, plan, decision),
-        store.Finish(event_id, decision.outcome, order_id=plan.order_id),
-        tuple(store.history_rows(plan.order_id, event_id, changes)),
+        ledger.Finish(event_id, decision.outcome, order_id=plan.order_id),
+        tuple(orders.history_rows(plan.order_id, event_id, changes)),
         plan.order_id if changes else None,
     )
 
@@ -676,7 +676,7 @@ def _decide_and_save(
     plan = interpreted[1] if interpreted is not None else None
     if verdict is None and isinstance(plan, Plan):
         states[plan.order_id] = (
-            state if state is not None else store.lock_order(conn, plan.order_id)
+            state if state is not None else orders.lock_order(conn, plan.order_id)
         )
     before = dict(states)
     decided = _decide(event_id, verdict, interpreted, states)
@@ -702,14 +702,14 @@ def fail(settings: Settings, event_id: str, reason: str) -> Result:
 def _mark_failed(db: Engine, event_id: str, reason: str) -> Result:
     def record_failure() -> Outcome | None:
         with transaction(db) as conn:
-            outcome = store.lock_event(conn, event_id)
+            outcome = ledger.lock_event(conn, event_id)
             if outcome is None:
                 # Never recorded (every attempt failed before its copy was): acknowledging
                 # now would lose the event without a trace, so it stays to be tried again.
                 raise TransientError("the event is not recorded yet")
             if outcome in FINAL_OUTCOMES:
                 return outcome
-            store.finish_event(conn, event_id, Outcome.FAILED, error=reason)
+            ledger.finish_event(conn, event_id, Outcome.FAILED, error=reason)
             return Outcome.FAILED
 
     outcome = _db(record_failure)
@@ -724,6 +724,6 @@ def note_error(settings: Settings, event_id: str, error: str, message: str) -> N
     attempt of `message` (if the note is lost, a retry is no redelivery: nothing is lost)."""
     try:
         with transaction(engine(settings)) as conn:
-            store.note_error(conn, event_id, error, message)
+            ledger.note_error(conn, event_id, error, message)
     except sa_exc.SQLAlchemyError:
         log.debug("event.note_error_skipped", extra={"event_id": event_id})

@@ -27,8 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, write_to_textfi
 from sqlalchemy import Connection, Engine, Text, case, func, literal, select
 from sqlalchemy import exc as sa_exc
 
-from models import store
-from models.db import is_sqlite, transaction
+from models.db import insert_for, is_sqlite, payload_value, transaction
+from models.orders import load_order
 from models.rules import FINAL_OUTCOMES, HANDLED_EVENTS, Outcome, iso, refunded_amount
 from models.settings import Settings
 from models.tables import orders, reconcile_checkpoints, webhook_events
@@ -451,7 +451,7 @@ def _insert_placeholders(
             "type": event.type,
             "created_time": event.created_time,
             "live_mode": event.live_mode,
-            "payload": store.payload_value(conn.dialect.name, literal(event.body, Text)),
+            "payload": payload_value(conn.dialect.name, literal(event.body, Text)),
             "outcome": Outcome.QUEUED.value,
             "deliveries": 0,
             "attempts": 0,
@@ -461,7 +461,7 @@ def _insert_placeholders(
         for event in events
     ]
     statement = (
-        store.insert_for(conn, webhook_events)
+        insert_for(conn, webhook_events)
         .values(rows)
         .on_conflict_do_nothing(index_elements=[webhook_events.c.id])
         .returning(webhook_events.c.id)
@@ -482,9 +482,7 @@ def load_checkpoint(engine: Engine) -> datetime | None:
 def advance_checkpoint(engine: Engine, position: datetime) -> datetime:
     """Move the checkpoint forward to `position` (never back); returns where it is."""
     with transaction(engine) as conn:
-        values = store.insert_for(conn, reconcile_checkpoints).values(
-            name=CHECKPOINT, position=position
-        )
+        values = insert_for(conn, reconcile_checkpoints).values(name=CHECKPOINT, position=position)
         stored_position, new_position = reconcile_checkpoints.c.position, values.excluded.position
         upsert = values.on_conflict_do_update(
             index_elements=[reconcile_checkpoints.c.name],
@@ -539,7 +537,7 @@ def check_orders(engine: Engine, client: DRClient, *, since: datetime, limit: in
         ).scalars()
         ours: list[tuple[str, str | None, Decimal]] = []
         for order_id in ids.all():
-            loaded = store.load_order(conn, order_id)
+            loaded = load_order(conn, order_id)
             if loaded is not None:
                 state = loaded[0]
                 ours.append((order_id, state.currency, refunded_amount(state)))

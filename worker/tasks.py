@@ -9,7 +9,7 @@ from celery import Task
 from celery.exceptions import Reject, Retry
 from celery.worker.request import Request
 
-from models import store
+from models import ledger
 from models.db import transaction
 from models.errors import Deferred, TransientError
 from models.logs import bound
@@ -141,7 +141,7 @@ def sweep_stuck_events() -> int:
     merely slow is harmless: the event row deduplicates it.
     """
     with transaction(processing.engine(settings)) as conn:
-        stuck = store.stuck_events(conn, settings.stuck_after_seconds, limit=SWEEP_BATCH)
+        stuck = ledger.stuck_events(conn, settings.stuck_after_seconds, limit=SWEEP_BATCH)
     count = sender("sweeper").stored(stuck)
     if count:
         log.warning(

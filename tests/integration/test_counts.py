@@ -1,7 +1,7 @@
 """How copies and attempts are counted, through the unit of work itself (in this process,
 against the real database). A worker that dies leaves behind exactly what it committed, so
 each death here is what the worker had committed when it was killed: nothing, or the
-record of a started attempt (models.store.record_delivery)."""
+record of a started attempt (models.ledger.record_delivery)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from models import store, trust
+from models import ledger, trust
 from models.db import autocommit
 from models.rules import Outcome
 from models.settings import Settings
@@ -67,7 +67,7 @@ def _started_then_died(engine: Engine, event: dict[str, Any], message: str) -> N
     copy = _copy(engine, event, message, redelivered=True)
     header = processing.header_of(json.loads(copy.body))
     with autocommit(engine) as conn:
-        store.record_delivery(
+        ledger.record_delivery(
             conn,
             header,
             copy.body,

@@ -8,7 +8,7 @@ from tests import support
 _WORKER = """
 import gc, json
 from celery.signals import worker_process_init, worker_ready
-import worker.app
+from worker.app import app
 found = {"imported": gc.get_freeze_count()}
 worker_process_init.send(sender=None)
 found["pool process"] = gc.get_freeze_count()

@@ -11,7 +11,7 @@ from datetime import datetime
 
 from celery import Celery
 
-from models.store import StoredEvent
+from models.ledger import StoredEvent
 from worker.queue.contract import APPLY_TASK, apply_args, apply_options
 
 

@@ -1,0 +1,357 @@
+"""An order's rows: the order and its refunds, charge refund entries and chargebacks,
+locked and loaded as one OrderState, the writes of what an event changed, and its history
+rows. Every function takes the caller's connection."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache
+from typing import Any
+
+from sqlalchemy import (
+    CompoundSelect,
+    Connection,
+    Insert,
+    Select,
+    Table,
+    Text,
+    Update,
+    any_,
+    bindparam,
+    func,
+    literal,
+    null,
+    select,
+    union_all,
+)
+from sqlalchemy.dialects import postgresql
+
+from models.db import insert_statement, query_all, upsert
+from models.payloads import EntryState, RefundState
+from models.rules import (
+    Change,
+    ChargebackRow,
+    ChargeRefundRow,
+    EventRef,
+    Figure,
+    OrderState,
+    RefundRow,
+)
+from models.tables import charge_refunds, chargebacks, orders, refund_history, refunds
+
+
+def _lock_order_statement(dialect: str) -> Insert:
+    # One statement creates the order if needed, locks its row and returns it: an upsert
+    # that changes nothing still takes the row lock a concurrent event for the order waits on.
+    statement = insert_statement(dialect, orders).values(id=bindparam("order_id"))
+    return statement.on_conflict_do_update(
+        index_elements=[orders.c.id], set_={"id": statement.excluded.id}
+    ).returning(*orders.c)
+
+
+def _lock_orders_statement() -> Insert:
+    # Several orders at once (Postgres only), created if needed and locked in the order of
+    # their ids: transactions that lock orders this way never wait on each other in a cycle.
+    ids = func.unnest(bindparam("order_ids", type_=postgresql.ARRAY(Text))).label("id")
+    statement = postgresql.insert(orders).from_select(["id"], select(ids).order_by(ids))
+    return statement.on_conflict_do_update(
+        index_elements=[orders.c.id], set_={"id": statement.excluded.id}
+    ).returning(*orders.c)
+
+
+_CHILD_COLUMNS = (
+    "id",
+    "charge_id",
+    "entry_key",
+    "entry_id",
+    "state",
+    "amount",
+    "refunded_amount",
+    "reason",
+    "failure_reason",
+    "created_time",
+    "type",
+    "last_event_id",
+    "last_event_time",
+)
+
+
+def _children_statement(*, many: bool = False) -> CompoundSelect[Any]:
+    # An order's (or, `many`, several orders') refunds, charge refund entries and
+    # chargebacks in one round trip: one row shape for all three, `kind` naming the table a
+    # row comes from.
+    def part(kind: str, table: Table) -> Select[Any]:
+        columns = [
+            table.c[name] if name in table.c else null().label(name) for name in _CHILD_COLUMNS
+        ]
+        match = (
+            table.c.order_id == any_(bindparam("order_ids", type_=postgresql.ARRAY(Text)))
+            if many
+            else table.c.order_id == bindparam("order_id")
+        )
+        return select(literal(kind).label("kind"), table.c.order_id, *columns).where(match)
+
+    return union_all(
+        part("refund", refunds), part("entry", charge_refunds), part("chargeback", chargebacks)
+    )
+
+
+_FIGURES = ("dr_refunded", "dr_available", "dr_total")
+_REFUND_FIELDS = (
+    "state",
+    "amount",
+    "refunded_amount",
+    "reason",
+    "failure_reason",
+    "created_time",
+    "last_event_id",
+    "last_event_time",
+)
+_ENTRY_FIELDS = ("entry_id", "created_time", "amount", "state", "last_event_id", "last_event_time")
+_CHARGEBACK_FIELDS = ("type", "amount", "last_event_id", "last_event_time")
+_HISTORY_FIELDS = ("order_id", "event_id", "entity", "entity_id", "from_state", "to_state")
+
+
+@dataclass(frozen=True)
+class _Statements:
+    """The order statements an event runs, built once per dialect.
+
+    A statement object caches its own cache key, so executing a prebuilt one skips building
+    and hashing it again: most of the client's cost of a small statement.
+    """
+
+    lock_order: Insert
+    lock_existing_order: Select[Any]
+    lock_orders: Insert
+    children: CompoundSelect[Any]
+    children_of_orders: CompoundSelect[Any]
+    save_order: Update
+    save_refund: Insert
+    save_entry: Insert
+    save_chargeback: Insert
+    history: Insert
+
+
+def statements(conn: Connection) -> _Statements:
+    """The order statements, prebuilt, for this connection's database."""
+    return _statements_for(conn.dialect.name)
+
+
+@cache
+def _statements_for(dialect: str) -> _Statements:
+    figure_columns = [f"{prefix}_{part}" for prefix in _FIGURES for part in _FIGURE_PARTS]
+    return _Statements(
+        lock_order=_lock_order_statement(dialect),
+        lock_existing_order=select(orders)
+        .where(orders.c.id == bindparam("order_id"))
+        .with_for_update(),
+        lock_orders=_lock_orders_statement(),
+        children=_children_statement(),
+        children_of_orders=_children_statement(many=True),
+        save_order=orders.update()
+        .where(orders.c.id == bindparam("order_id"))
+        .values(
+            {
+                name: bindparam(f"new_{name}")
+                for name in ("currency", "chargeback_event_id", "chargeback_event_time")
+            }
+            | {name: bindparam(f"new_{name}") for name in figure_columns}
+            | {"updated_at": func.now()}
+        ),
+        save_refund=upsert(dialect, refunds, ("order_id", "id"), _REFUND_FIELDS),
+        save_entry=upsert(
+            dialect, charge_refunds, ("order_id", "charge_id", "entry_key"), _ENTRY_FIELDS
+        ),
+        save_chargeback=upsert(dialect, chargebacks, ("order_id", "id"), _CHARGEBACK_FIELDS),
+        history=refund_history.insert().values({name: bindparam(name) for name in _HISTORY_FIELDS}),
+    )
+
+
+def lock_orders(conn: Connection, order_ids: list[str]) -> dict[str, OrderState]:
+    """Create the orders that do not exist, lock all of them in the order of their ids, and
+    load their states, in one round trip; Postgres only."""
+    prebuilt = statements(conn)
+    key = {"order_ids": sorted(order_ids)}
+    order_rows, child_rows = query_all(
+        conn, [(prebuilt.lock_orders, key), (prebuilt.children_of_orders, key)]
+    )
+    children: dict[str, list[Any]] = {}
+    for child in child_rows:
+        children.setdefault(child.order_id, []).append(child)
+    return {row.id: state_of(row, children.get(row.id, ())) for row in order_rows}
+
+
+def lock_order(conn: Connection, order_id: str) -> OrderState:
+    """Create the order row if needed, lock it, and load its state."""
+    row = conn.execute(statements(conn).lock_order, {"order_id": order_id}).one()
+    return _load(conn, row)
+
+
+def load_order(conn: Connection, order_id: str) -> tuple[OrderState, datetime] | None:
+    """The order's state and last update, without locking; None if unknown."""
+    row = conn.execute(select(orders).where(orders.c.id == order_id)).one_or_none()
+    if row is None:
+        return None
+    return _load(conn, row), row.updated_at
+
+
+_FIGURE_PARTS = ("amount", "event_id", "event_time")
+
+
+def _figure(row: Any, prefix: str) -> Figure | None:
+    value = getattr(row, f"{prefix}_amount")
+    if value is None:
+        return None
+    return Figure(
+        value, EventRef(getattr(row, f"{prefix}_event_time"), getattr(row, f"{prefix}_event_id"))
+    )
+
+
+def _load(conn: Connection, row: Any) -> OrderState:
+    return state_of(row, conn.execute(statements(conn).children, {"order_id": row.id}))
+
+
+def state_of(row: Any, children: Iterable[Any]) -> OrderState:
+    """An order's state from its row and its children (the `children` statement's rows)."""
+    rows: dict[str, list[Any]] = {"refund": [], "entry": [], "chargeback": []}
+    for child in children:
+        rows[child.kind].append(child)
+    refund_rows, entry_rows, chargeback_rows = rows["refund"], rows["entry"], rows["chargeback"]
+    return OrderState(
+        order_id=row.id,
+        currency=row.currency,
+        refunds={
+            r.id: RefundRow(
+                id=r.id,
+                state=RefundState(r.state),
+                amount=r.amount,
+                refunded_amount=r.refunded_amount,
+                reason=r.reason,
+                failure_reason=r.failure_reason,
+                created_time=r.created_time,
+                event=EventRef(r.last_event_time, r.last_event_id),
+            )
+            for r in refund_rows
+        },
+        charge_refunds={
+            (e.charge_id, e.entry_key): ChargeRefundRow(
+                charge_id=e.charge_id,
+                entry_key=e.entry_key,
+                entry_id=e.entry_id,
+                created_time=e.created_time,
+                amount=e.amount,
+                state=EntryState(e.state),
+                event=EventRef(e.last_event_time, e.last_event_id),
+            )
+            for e in entry_rows
+        },
+        chargebacks={
+            c.id: ChargebackRow(
+                id=c.id,
+                type=c.type,
+                amount=c.amount,
+                event=EventRef(c.last_event_time, c.last_event_id),
+            )
+            for c in chargeback_rows
+        },
+        chargeback_event=(
+            EventRef(row.chargeback_event_time, row.chargeback_event_id)
+            if row.chargeback_event_id
+            else None
+        ),
+        dr_refunded=_figure(row, "dr_refunded"),
+        dr_available=_figure(row, "dr_available"),
+        dr_total=_figure(row, "dr_total"),
+    )
+
+
+def _figure_values(prefix: str, figure: Figure | None) -> dict[str, Any]:
+    return {
+        f"new_{prefix}_amount": figure.value if figure else None,
+        f"new_{prefix}_event_id": figure.event.id if figure else None,
+        f"new_{prefix}_event_time": figure.event.time if figure else None,
+    }
+
+
+def history_rows(order_id: str, event_id: str, changes: Iterable[Change]) -> list[dict[str, Any]]:
+    """The history rows of an event's changes to an order."""
+    return [
+        {
+            "order_id": order_id,
+            "event_id": event_id,
+            "entity": change.entity,
+            "entity_id": change.entity_id,
+            "from_state": change.from_state,
+            "to_state": change.to_state,
+        }
+        for change in changes
+    ]
+
+
+def order_writes(
+    conn: Connection, before: OrderState, after: OrderState
+) -> list[tuple[Any, list[dict[str, Any]]]]:
+    """What differs between two states of a locked order, as (statement, rows) pairs."""
+    prebuilt = statements(conn)
+    order_id = after.order_id
+    chargeback = after.chargeback_event
+    order_row = {
+        "order_id": order_id,
+        "new_currency": after.currency,
+        "new_chargeback_event_id": chargeback.id if chargeback else None,
+        "new_chargeback_event_time": chargeback.time if chargeback else None,
+        **_figure_values("dr_refunded", after.dr_refunded),
+        **_figure_values("dr_available", after.dr_available),
+        **_figure_values("dr_total", after.dr_total),
+    }
+    refund_rows = [
+        {
+            "order_id": order_id,
+            "id": refund.id,
+            "state": refund.state.value,
+            "amount": refund.amount,
+            "refunded_amount": refund.refunded_amount,
+            "reason": refund.reason,
+            "failure_reason": refund.failure_reason,
+            "created_time": refund.created_time,
+            "last_event_id": refund.event.id,
+            "last_event_time": refund.event.time,
+        }
+        for refund in after.refunds.values()
+        if before.refunds.get(refund.id) != refund
+    ]
+    entry_rows = [
+        {
+            "order_id": order_id,
+            "charge_id": entry.charge_id,
+            "entry_key": entry.entry_key,
+            "entry_id": entry.entry_id,
+            "created_time": entry.created_time,
+            "amount": entry.amount,
+            "state": entry.state.value,
+            "last_event_id": entry.event.id,
+            "last_event_time": entry.event.time,
+        }
+        for key, entry in after.charge_refunds.items()
+        if before.charge_refunds.get(key) != entry
+    ]
+    chargeback_rows = [
+        {
+            "order_id": order_id,
+            "id": row.id,
+            "type": row.type,
+            "amount": row.amount,
+            "last_event_id": row.event.id,
+            "last_event_time": row.event.time,
+        }
+        for row in after.chargebacks.values()
+        if before.chargebacks.get(row.id) != row
+    ]
+    return [
+        (prebuilt.save_order, [order_row]),
+        (prebuilt.save_refund, refund_rows),
+        (prebuilt.save_entry, entry_rows),
+        (prebuilt.save_chargeback, chargeback_rows),
+    ]
