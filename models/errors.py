@@ -20,8 +20,6 @@ class InvalidEvent(PermanentError):
 class TransientError(RefundSyncError):
     """A passing failure (connection lost, deadlock, lock timeout); the event is retried."""
 
-    event_id: str = ""
-
 
 class Deferred(TransientError):
     """Not tried at all, to be tried later: no retry is counted against the event."""

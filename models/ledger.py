@@ -1,15 +1,17 @@
 """The event ledger: one `webhook_events` row per DR event id, with its copies
-(`deliveries`), attempts, outcome and error, and the stored payloads that replay and the
-sweeper publish again. Every function takes the caller's connection: the caller's
-transaction scope decides what commits together."""
+(`deliveries`), attempts, outcome and error, the stored payloads that replay and the
+sweeper publish again, the events reconciliation lists, and its checkpoint. Every function
+takes the caller's connection: the caller's transaction scope decides what commits
+together."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import (
     Connection,
@@ -21,13 +23,14 @@ from sqlalchemy import (
     case,
     cast,
     func,
+    literal,
     select,
     text,
 )
 
-from models.db import insert_statement, payload_value, query_all
+from models.db import insert_for, insert_statement, payload_value, query_all
 from models.rules import FINAL_OUTCOMES, Outcome
-from models.tables import webhook_events
+from models.tables import reconcile_checkpoints, webhook_events
 
 
 @dataclass(frozen=True)
@@ -393,3 +396,77 @@ def backlog(conn: Connection) -> Backlog:
 def ping(conn: Connection) -> None:
     """Fail unless the database answers."""
     conn.execute(text("SELECT 1"))
+
+
+class Listed(Protocol):
+    """An event as DR's Events API lists it (worker.reconcile.dr_api.ListedEvent)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def created_time(self) -> datetime | None: ...
+    @property
+    def live_mode(self) -> bool | None: ...
+    @property
+    def body(self) -> str: ...
+
+
+def outcomes_of(conn: Connection, ids: Sequence[str]) -> dict[str, tuple[Outcome, datetime]]:
+    """The outcome and arrival of those of `ids` that the ledger holds."""
+    query = select(webhook_events.c.id, webhook_events.c.outcome, webhook_events.c.received_at)
+    rows = conn.execute(query.where(webhook_events.c.id.in_(list(ids))))
+    return {row.id: (Outcome(row.outcome), row.received_at) for row in rows}
+
+
+def record_listed(conn: Connection, events: Sequence[Listed], now: datetime) -> set[str]:
+    """Record listed events never seen as queued, source 'reconcile'; the ids recorded.
+
+    No copy has reached a worker yet, so `deliveries` and `attempts` start at 0. An id that
+    someone else recorded first is left out: its copy is already on its way.
+    """
+    rows = [
+        {
+            "id": event.id,
+            "type": event.type,
+            "created_time": event.created_time,
+            "live_mode": event.live_mode,
+            "payload": payload_value(conn.dialect.name, literal(event.body, Text)),
+            "outcome": Outcome.QUEUED.value,
+            "deliveries": 0,
+            "attempts": 0,
+            "received_at": now,
+            "source": "reconcile",
+        }
+        for event in events
+    ]
+    statement = (
+        insert_for(conn, webhook_events)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=[webhook_events.c.id])
+        .returning(webhook_events.c.id)
+    )
+    return set(conn.execute(statement).scalars())
+
+
+def checkpoint(conn: Connection, name: str) -> datetime | None:
+    """Where the checkpoint `name` stands, if it was ever set."""
+    return conn.execute(
+        select(reconcile_checkpoints.c.position).where(reconcile_checkpoints.c.name == name)
+    ).scalar_one_or_none()
+
+
+def advance_checkpoint(conn: Connection, name: str, position: datetime) -> datetime:
+    """Move the checkpoint `name` forward to `position` (never back); returns where it is."""
+    values = insert_for(conn, reconcile_checkpoints).values(name=name, position=position)
+    stored_position, new_position = reconcile_checkpoints.c.position, values.excluded.position
+    upsert = values.on_conflict_do_update(
+        index_elements=[reconcile_checkpoints.c.name],
+        set_={
+            "position": case((stored_position > new_position, stored_position), else_=new_position),
+            "updated_at": func.now(),
+        },
+    ).returning(reconcile_checkpoints.c.position)
+    stored: datetime = conn.execute(upsert).scalar_one()
+    return stored

@@ -64,6 +64,6 @@ def configure(level: str = "INFO") -> None:
     # Alembic announces each of its plugins at INFO; that is noise for operators.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     # httpx logs every request at INFO; a reconciliation backfill makes thousands. The DR
-    # client (worker.dr_api) logs its retries and failures itself, with the fields that
+    # client (worker.reconcile.dr_api) logs its retries and failures itself, with the fields that
     # matter.
     logging.getLogger("httpx").setLevel(logging.WARNING)

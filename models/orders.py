@@ -189,6 +189,17 @@ def lock_order(conn: Connection, order_id: str) -> OrderState:
     return _load(conn, row)
 
 
+def changed_since(conn: Connection, since: datetime, limit: int) -> list[str]:
+    """The ids of orders changed since `since`, the most recently changed first."""
+    query = (
+        select(orders.c.id)
+        .where(orders.c.updated_at >= since)
+        .order_by(orders.c.updated_at.desc(), orders.c.id)
+        .limit(limit)
+    )
+    return list(conn.execute(query).scalars())
+
+
 def load_order(conn: Connection, order_id: str) -> tuple[OrderState, datetime] | None:
     """The order's state and last update, without locking; None if unknown."""
     row = conn.execute(select(orders).where(orders.c.id == order_id)).one_or_none()

@@ -83,7 +83,7 @@ def create_app(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         # Messages held per pool process: a batch on its way and the next one waiting
-        # (worker.batching). A dead worker's are back after the visibility timeout. The
+        # (worker.pool). A dead worker's are back after the visibility timeout. The
         # standalone mode applies one message at a time.
         worker_prefetch_multiplier=1 if standalone else 2 * BATCH_LIMIT,
         task_time_limit=TASK_TIME_LIMIT_S,
@@ -94,8 +94,8 @@ def create_app(settings: Settings) -> Celery:
         task_acks_on_timeout=False,
         # Task events feed Flower; the SQLite broker has no fanout exchange to carry them.
         worker_send_task_events=not standalone,
-        # Task events go out in batches (worker.consumer).
-        worker_consumer="worker.consumer:Consumer",
+        # Task events go out in batches (worker.pool).
+        worker_consumer="worker.pool:Consumer",
         worker_enable_remote_control=not standalone,
         task_send_sent_event=False,
         enable_utc=True,
@@ -149,7 +149,7 @@ def _logging(loglevel: str | None = None, **_: object) -> None:
 
 
 def _reconcile_status(**_: object) -> None:
-    from worker.reconcile import log_status
+    from worker.reconcile.run import log_status
 
     log_status(_settings())
 

@@ -15,11 +15,16 @@ from typing import Any, NoReturn
 
 import click
 from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from models import logs
-from models.db import describe
+from ingest.server import Limits, serve
+from ingest.signature import sign as make_signature
+from models import ledger, logs, trust, views
+from models.db import describe, make_engine, transaction
 from models.errors import ConfigError, RefundSyncError
+from models.migrate import upgrade
+from models.rules import iso
 from models.settings import Settings, load_settings
 from models.telemetry import share_metrics_between_processes
 
@@ -50,7 +55,6 @@ def main() -> None:
 @main.command(help="Apply the database migrations (Alembic upgrade head).")
 def migrate() -> None:
     settings = _settings("DATABASE_URL")
-    from models.migrate import upgrade
 
     try:
         upgrade(settings.database_url or "")
@@ -115,8 +119,6 @@ def ingest(
     keep_alive_timeout: int,
     limit_concurrency: int,
 ) -> None:
-    from ingest.server import Limits, serve
-
     _settings("REDIS_URL", "DATABASE_URL", "DR_WEBHOOK_SECRETS")
     share_metrics_between_processes()
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then raises the signal again
@@ -197,7 +199,6 @@ def run(host: str, port: int, data_dir: Path | None, dev_secret: bool) -> None:
     env = {**os.environ, **plan.env}
     # The URLs may come from a .env file rather than the environment.
     database_url = plan.env.get("DATABASE_URL") or settings.database_url or ""
-    from models.migrate import upgrade
 
     try:
         upgrade(database_url)
@@ -275,8 +276,6 @@ def order() -> None:
 @order.command("show", help="Print an order's refund summary as JSON.")
 @click.argument("order_id")
 def order_show(order_id: str) -> None:
-    from models import views
-
     summary = _read(views.order_summary, order_id)
     if summary is None:
         _fail(f"order {order_id} not found")
@@ -291,8 +290,6 @@ def events() -> None:
 @events.command("show", help="Print an event's processing record as JSON.")
 @click.argument("event_id")
 def events_show(event_id: str) -> None:
-    from models import views
-
     record = _read(views.event_record, event_id)
     if record is None:
         _fail(f"event {event_id} not found")
@@ -302,8 +299,6 @@ def events_show(event_id: str) -> None:
 @events.command("failed", help="List failed (dead-lettered) events, newest first.")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10_000))
 def events_failed(limit: int) -> None:
-    from models import views
-
     _print_json(_read(views.event_records, outcome="failed", limit=limit))
 
 
@@ -313,8 +308,6 @@ def events_failed(limit: int) -> None:
 )
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10_000))
 def events_refused(limit: int) -> None:
-    from models import trust
-
     _print_json(_read(trust.refusals, limit))
 
 
@@ -324,8 +317,6 @@ def events_refused(limit: int) -> None:
 @click.option("--dry-run", is_flag=True, help="Print what each would change; touch nothing.")
 @click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 100_000))
 def events_replay(event_ids: tuple[str, ...], all_failed: bool, dry_run: bool, limit: int) -> None:
-    from models import ledger
-
     if bool(event_ids) == all_failed:
         raise click.UsageError("give event ids or --failed (one of the two)")
     if all_failed:
@@ -378,8 +369,6 @@ def _preview(found: list[Any]) -> None:
 
 
 def _replay(found: list[Any]) -> None:
-    from models import ledger
-    from models.db import transaction
     from worker import processing
 
     settings = _settings("DATABASE_URL", "REDIS_URL")
@@ -403,8 +392,6 @@ def _replay(found: list[Any]) -> None:
 
 
 def _read(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    from models.db import make_engine
-
     settings = _settings("DATABASE_URL")
     engine = make_engine(settings.database_url or "", pool_size=1)
     try:
@@ -487,11 +474,9 @@ def reconcile(
 
 
 def _reconcile_events(settings: Settings, since: datetime | None, dry_run: bool) -> None:
-    from redis.exceptions import RedisError
-
     from worker import processing
-    from worker import reconcile as job
-    from worker.dr_api import DRApiError
+    from worker.reconcile import run as job
+    from worker.reconcile.dr_api import DRApiError
 
     def nowhere(*_: object) -> None:
         raise AssertionError("a dry run publishes nothing")
@@ -526,7 +511,7 @@ def _reconcile_events(settings: Settings, since: datetime | None, dry_run: bool)
 
 
 def _checkpoint_note(engine: Any) -> str:
-    from worker import reconcile as job
+    from worker.reconcile import run as job
 
     try:
         position = job.load_checkpoint(engine)
@@ -539,8 +524,8 @@ def _check_orders(
     settings: Settings, since: datetime | None, limit: int, metrics_file: Path | None
 ) -> None:
     from worker import processing
-    from worker import reconcile as job
-    from worker.dr_api import DRApiError
+    from worker.reconcile import run as job
+    from worker.reconcile.dr_api import DRApiError
 
     since = since or datetime.now(UTC) - timedelta(hours=24)
     try:
@@ -571,8 +556,6 @@ def _check_orders(
 
 def _iso(value: datetime | None) -> str | None:
     """An instant as DR writes them (UTC, `Z`)."""
-    from models.rules import iso
-
     return iso(value)
 
 
@@ -595,8 +578,6 @@ def _iso(value: datetime | None) -> str | None:
 @click.option("--timestamp", type=int, default=None, help="Unix seconds (default: now).")
 @click.argument("file", type=click.File("rb"))
 def sign(secret: str | None, secret_file: Any, timestamp: int | None, file: Any) -> None:
-    from ingest.signature import sign as make_signature
-
     if secret is not None and secret_file is not None:
         raise click.UsageError("give --secret or --secret-file, not both")
     if secret_file is not None:

@@ -10,6 +10,7 @@ from models.errors import DatabaseBusy
 
 __all__ = [
     "BATCH_LIMIT",
+    "EVENT_FLUSH_S",
     "MAX_RETRY_COUNTDOWN_S",
     "RESTORE_SCAN_S",
     "TASK_TIME_LIMIT_S",
@@ -27,8 +28,10 @@ RESTORE_SCAN_S = 10
 # Every task is far inside the visibility timeout: statements and lock waits are bounded
 # (models.db) and this hard limit kills anything else.
 TASK_TIME_LIMIT_S = 60
-# At most this many messages go to a pool process as one job (worker.batching).
+# At most this many messages go to a pool process as one job (worker.pool).
 BATCH_LIMIT = 8
+# How long a task event may wait in the worker before it is published (worker.pool).
+EVENT_FLUSH_S = 0.1
 # Retry countdowns wait in the worker while their message counts as unacknowledged, so the
 # longest one must stay below the visibility timeout or the message would be run twice.
 MAX_RETRY_COUNTDOWN_S = 60

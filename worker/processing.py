@@ -49,13 +49,16 @@ log = logging.getLogger("refundsync.worker")
 T = TypeVar("T")
 
 _engine: Engine | None = None
+_keys: QueueKeys | None = None
 _CREATED_TIME = TypeAdapter(Instant)
 
 
 def reset_engine() -> None:
-    """Forget the engine (after a fork); the next use opens a fresh pool."""
-    global _engine
+    """Forget the engine and the queue keys read through it (after a fork); the next use
+    opens a fresh pool."""
+    global _engine, _keys
     _engine = None
+    _keys = None
 
 
 def engine(settings: Settings) -> Engine:
@@ -163,9 +166,6 @@ def copy_of(
     )
 
 
-_keys: QueueKeys | None = None
-
-
 def queue_keys(settings: Settings) -> QueueKeys:
     """This process's queue keys, read from the database on first use."""
     global _keys
@@ -231,7 +231,7 @@ def _parse_time(value: str) -> datetime:
 
 
 # Why copies are handed back untried, while a pool job that ran out of time hands back the
-# rest of its messages (worker.batching).
+# rest of its messages (worker.pool).
 _deferred: str | None = None
 
 
@@ -305,18 +305,13 @@ def _process_copy(settings: Settings, header: ledger.EventHeader, data: Any, cop
     # An earlier attempt died with its worker, or this one failed: nothing of it committed.
     # The copy is recorded in a transaction of its own first, so its attempt counts however
     # the rest ends (a poison event is seen as such).
-    try:
-        delivery = _record(db, header, copy)
-    except TransientError as exc:
-        exc.event_id = header.id
-        raise
+    delivery = _record(db, header, copy)
     try:
         if retry_error is not None:
             raise retry_error
         return _process(settings, db, header, data, delivery)
     except TransientError as exc:
         note_error(settings, header.id, str(exc), copy.message)
-        exc.event_id = header.id
         raise
 
 

@@ -7,7 +7,6 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Reject, Retry
-from celery.worker.request import Request
 
 from models import ledger
 from models.db import transaction
@@ -16,27 +15,15 @@ from models.logs import bound
 from worker import processing
 from worker.app import app, settings
 from worker.policy import retry_countdown
+from worker.pool import PrivateRequest
 from worker.queue.contract import APPLY_TASK, RECONCILE_TASK, SWEEP_TASK
 from worker.queue.republish import Sender
-from worker.reconcile import RECONCILE_SOFT_TIME_LIMIT_S, RECONCILE_TIME_LIMIT_S, run_scheduled
+from worker.reconcile.run import RECONCILE_SOFT_TIME_LIMIT_S, RECONCILE_TIME_LIMIT_S, run_scheduled
 
 # At most this many stuck events are republished per sweep, so one sweep stays short.
 SWEEP_BATCH = 500
 
 log = logging.getLogger("refundsync.worker")
-
-
-class PrivateRequest(Request):
-    """A task request that shows monitors its labels only.
-
-    Flower's worker page asks workers for their reserved and scheduled tasks, which Celery
-    answers with the real arguments unless asked for the safe view; the arguments hold the
-    payload (customer names, emails, addresses), so the safe view is the only one.
-    """
-
-    def info(self, safe: bool = False) -> dict[str, Any]:
-        info: dict[str, Any] = super().info(safe=True)
-        return info
 
 
 @app.task(name=APPLY_TASK, bind=True, max_retries=None, acks_late=True, Request=PrivateRequest)
@@ -67,7 +54,7 @@ def _apply_event(self: Task[Any, Any], copy: processing.Copy) -> str:
     except Deferred as exc:
         return _defer(self, exc)
     except TransientError as exc:
-        return _retry(self, exc, event_id=exc.event_id or processing.event_id_of(body))
+        return _retry(self, exc, event_id=processing.event_id_of(body))
     except Exception as exc:
         # The process edge: whatever went wrong, an event that did not finish is never
         # acknowledged. It is retried like a transient error, and fails after the limit.

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from tests import deadlines, eventgen, support
+from tests import deadlines, eventgen, factories, support
 from tests.support import Stack
 
 # DR's published examples, in the order of the order's life (the files are numbered).
@@ -21,26 +21,14 @@ EXAMPLES = sorted(path.name for path in (support.FIXTURES / "dr_examples").glob(
 def _refund_event(
     order_id: str, refund_id: str, state: str, created: str, **extra: Any
 ) -> dict[str, Any]:
-    kind = {"succeeded": "refund.complete", "pending": "refund.pending", "failed": "refund.failed"}[
-        state
-    ]
-    obj = {
-        "id": refund_id,
-        "orderId": order_id,
-        "currency": "USD",
-        "amount": 10.0,
+    fields = {
         "refundedAmount": 10.0 if state == "succeeded" else 0.0,
-        "state": state,
-        "createdTime": "2024-05-14T10:00:00Z",
+        "createdTime": factories.CREATED,
+        **extra,
     }
-    obj.update(extra)
-    return {
-        "id": str(uuid.uuid4()),
-        "type": kind,
-        "createdTime": created,
-        "liveMode": False,
-        "data": {"object": obj},
-    }
+    return factories.refund_event(
+        order_id, state=state, refund_id=refund_id, created=created, **fields
+    )
 
 
 def _history_rows(stack: Stack, event_id: str) -> int:

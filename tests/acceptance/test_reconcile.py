@@ -21,10 +21,10 @@ import pytest
 from sqlalchemy import Engine, text
 
 from models.rules import HANDLED_EVENTS
-from tests import deadlines, eventgen, support
+from tests import deadlines, eventgen, factories, support
 from tests.fake_dr import API_KEY, NORMAL, FakeDR, malformed, server_error, slow, too_many
 from tests.support import Stack
-from worker.dr_api import (
+from worker.reconcile.dr_api import (
     DRApiMalformed,
     DRApiRefused,
     DRApiUnavailable,
@@ -501,22 +501,13 @@ def test_a_run_right_after_another_leaves_what_it_published_to_its_messages(
 
 
 def _refund_complete(order_id: str, amount: float) -> dict[str, Any]:
-    return {
-        "id": str(uuid.uuid4()),
-        "type": "refund.complete",
-        "createdTime": _now().isoformat().replace("+00:00", "Z"),
-        "liveMode": False,
-        "data": {
-            "object": {
-                "id": f"re_{uuid.uuid4()}",
-                "orderId": order_id,
-                "currency": "USD",
-                "amount": amount,
-                "refundedAmount": amount,
-                "state": "succeeded",
-            }
-        },
-    }
+    return factories.refund_event(
+        order_id,
+        state="succeeded",
+        amount=amount,
+        created=_now().isoformat().replace("+00:00", "Z"),
+        refundedAmount=amount,
+    )
 
 
 def _dr_order(order_id: str, refunded: float) -> dict[str, Any]:

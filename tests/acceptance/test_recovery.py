@@ -14,26 +14,12 @@ from typing import Any
 
 from sqlalchemy import text
 
-from tests import deadlines, support
+from tests import deadlines, factories, support
 from tests.support import Stack
 
 
 def _refund_event(order_id: str, state: str = "pending") -> dict[str, Any]:
-    return {
-        "id": str(uuid.uuid4()),
-        "type": "refund.pending" if state == "pending" else "refund.complete",
-        "createdTime": "2024-05-14T10:00:00Z",
-        "liveMode": False,
-        "data": {
-            "object": {
-                "id": f"re_{uuid.uuid4()}",
-                "orderId": order_id,
-                "currency": "USD",
-                "amount": 7.5,
-                "state": state,
-            }
-        },
-    }
+    return factories.refund_event(order_id, state=state, amount=7.5)
 
 
 def _insert_lost(

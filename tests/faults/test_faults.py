@@ -115,7 +115,7 @@ def _pool_children(process: support.Process) -> list[int]:
 @pytest.mark.timeout(2 * deadlines.BACKLOG_S)
 def test_pool_processes_sigkilled_every_half_second(rig: Rig) -> None:
     # Enough events for a drain of well over 5 kills: each kill takes down the up to
-    # BATCH_LIMIT messages its process was applying together (worker.batching).
+    # BATCH_LIMIT messages its process was applying together (worker.pool).
     events = _events(1, 2000, 10, "pk")
     assert len(events) == 20000
     support.publish_all(rig.redis.url, rig.db_url, [json.dumps(e).encode() for e in events])

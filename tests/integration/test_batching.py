@@ -1,5 +1,5 @@
 """A burst queued before a worker starts: its pool processes apply the events several to a
-transaction (worker.batching), with every outcome what it would be one event at a time."""
+transaction (worker.pool), with every outcome what it would be one event at a time."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 import redis as redis_client
 from sqlalchemy import Engine, text
 
-from tests import deadlines, eventgen, support
+from tests import deadlines, eventgen, factories, support
 from tests.support import EventTap
 
 
@@ -57,21 +57,7 @@ def rig(database: support.Database) -> Iterator[Rig]:
 
 
 def _refund(order_id: str, amount: Any) -> dict[str, Any]:
-    return {
-        "id": str(uuid.uuid4()),
-        "type": "refund.pending",
-        "createdTime": "2024-05-14T10:00:00Z",
-        "liveMode": False,
-        "data": {
-            "object": {
-                "id": f"re_{uuid.uuid4()}",
-                "orderId": order_id,
-                "currency": "USD",
-                "amount": amount,
-                "state": "pending",
-            }
-        },
-    }
+    return factories.refund_event(order_id, amount=amount)
 
 
 def test_a_burst_is_applied_together_as_it_would_be_alone(rig: Rig) -> None:

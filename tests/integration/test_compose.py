@@ -102,16 +102,23 @@ DRY_START = """
 import importlib, sys
 import celery.bin.celery, uvicorn
 import models.migrate
-from worker.cli import main
 
 
 def load_worker_app(argv, **_):
     importlib.import_module("worker.app").app.loader.import_default_modules()
 
 
-uvicorn.run = lambda target, **_: importlib.import_module(target.partition(":")[0])
+def load_asgi_app(target, **_):
+    # As uvicorn does: the module, then the app in it (built from the settings there).
+    module, _, attribute = target.partition(":")
+    getattr(importlib.import_module(module), attribute)
+
+
+uvicorn.run = load_asgi_app
 models.migrate.upgrade = lambda url: None
 celery.bin.celery.celery.main = load_worker_app
+# Imported once the stand-ins are in place: the CLI binds them when imported.
+from worker.cli import main
 main(sys.argv[1:], prog_name="refundsync")
 """
 

@@ -8,7 +8,7 @@ import uuid
 
 from tests import deadlines, eventgen, support
 from tests.support import EventTap
-from worker.consumer import EVENT_FLUSH_S
+from worker.policy import EVENT_FLUSH_S
 
 # Celery's own limit: a buffer this full is published at once.
 CELERY_BUFFER_LIMIT = 24
@@ -55,7 +55,7 @@ def test_task_events_are_batched_and_complete(database: support.Database) -> Non
         )
         assert all(f"'{event['id']}', '{event['type']}'" in shown for event in events)
         # Each task is reported received, started and succeeded, applied alone or together
-        # with others (worker.batching).
+        # with others (worker.pool).
         received = _task_ids(tap, "task-received")
         assert len(received) == len(events)
         assert _task_ids(tap, "task-started") == received == _task_ids(tap)

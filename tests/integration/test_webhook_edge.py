@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests import deadlines, support
+from tests import deadlines, factories, support
 
 QUEUE = "refundsync"
 
@@ -61,15 +61,7 @@ def empty_queue(bare: BareIngest) -> BareIngest:
 
 
 def _event() -> bytes:
-    return json.dumps(
-        {
-            "id": str(uuid.uuid4()),
-            "type": "refund.pending",
-            "createdTime": "2024-05-14T10:00:00Z",
-            "liveMode": False,
-            "data": {"object": {"id": "re_1"}},
-        }
-    ).encode()
+    return json.dumps(factories.envelope("refund.pending", {"id": "re_1"})).encode()
 
 
 def test_signed_event_is_queued_with_202(empty_queue: BareIngest) -> None:

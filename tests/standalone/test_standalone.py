@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests import deadlines, eventgen, support
+from tests import deadlines, eventgen, factories, support
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -160,23 +160,16 @@ def standalone(data_dir: Path) -> Iterator[Standalone]:
 
 
 def _refund(order_id: str, refund_id: str, kind: str, state: str, created: str) -> dict[str, Any]:
-    return {
-        "id": str(uuid.uuid4()),
-        "type": kind,
-        "createdTime": created,
-        "liveMode": False,
-        "data": {
-            "object": {
-                "id": refund_id,
-                "orderId": order_id,
-                "currency": "USD",
-                "amount": 27.1,
-                "refundedAmount": 27.1 if state == "succeeded" else 0.0,
-                "state": state,
-                "createdTime": "2024-05-14T10:00:00Z",
-            }
-        },
-    }
+    return factories.refund_event(
+        order_id,
+        state=state,
+        amount=27.1,
+        refund_id=refund_id,
+        event_type=kind,
+        created=created,
+        refundedAmount=27.1 if state == "succeeded" else 0.0,
+        createdTime=factories.CREATED,
+    )
 
 
 def test_signed_webhooks_apply_with_duplicates_and_out_of_order_delivery(

@@ -12,14 +12,14 @@ import pytest
 
 from models.payloads import load_json
 from models.rules import Outcome
-from worker.dr_api import (
+from worker.reconcile.dr_api import (
     DRApiMalformed,
     DROrder,
     dumps_exact,
     parse_event_page,
     retry_after_seconds,
 )
-from worker.reconcile import (
+from worker.reconcile.plan import (
     RETENTION,
     RETENTION_MARGIN,
     Known,

@@ -1,53 +1,43 @@
-"""Reconciliation with DR's Events API: events DR has that refundsync never applied.
-
-A webhook can be missed for good: an endpoint down past DR's 72 hours of retries, a
-webhook DR disabled, a broker that lost its data. DR keeps 30 days of events behind
-`GET /events`. A run lists the handled event types from the stored checkpoint minus an
-overlap, records and publishes through `events.apply` every event that was never
-recorded (or is stuck unfinished), and moves the checkpoint only over what it has
-listed and published in full.
-
-The decisions (the window, which listed event to publish, where the checkpoint may move,
-what counts as drift) are pure functions of values at the top of this module; the run
-below them only moves values between Postgres, DR's API and the broker.
-"""
+"""The run of reconciliation: it only moves values between Postgres, DR's API and the
+broker; what it decides is worker.reconcile.plan's."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from enum import StrEnum
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, write_to_textfile
-from sqlalchemy import Connection, Engine, Text, case, func, literal, select
+from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy import exc as sa_exc
 
-from models.db import insert_for, is_sqlite, payload_value, transaction
-from models.orders import load_order
-from models.rules import FINAL_OUTCOMES, HANDLED_EVENTS, Outcome, iso, refunded_amount
+from models import ledger
+from models.db import is_sqlite, transaction
+from models.orders import changed_since, load_order
+from models.rules import iso, refunded_amount
 from models.settings import Settings
-from models.tables import orders, reconcile_checkpoints, webhook_events
-from worker.dr_api import DRApiError, DRClient, DROrder, EventPage, ListedEvent
+from worker.reconcile.dr_api import DRApiError, DRClient, EventPage, ListedEvent
+from worker.reconcile.plan import (
+    RECONCILED_TYPES,
+    Drift,
+    Known,
+    Verdict,
+    Window,
+    drift,
+    next_checkpoint,
+    plan_window,
+    slices,
+    verdict,
+)
 
 log = logging.getLogger("refundsync.reconcile")
-
-# DR's Events API keeps this much history.
-RETENTION = timedelta(days=30)
-# DR measures its 30 days on its own clock, at each request; starting this far inside the
-# window keeps the last request of a slow run from asking for events already gone.
-RETENTION_MARGIN = timedelta(minutes=10)
-# A run lists its window one slice at a time and moves the checkpoint after each slice,
-# so a long backfill that stops half way keeps the days it finished.
-SLICE = timedelta(days=1)
 CHECKPOINT = "events"
 # Any constant shared by every reconciler; distinct from the migration lock.
 LOCK_KEY = 0x7265_636F_6E63
-RECONCILED_TYPES = tuple(sorted(HANDLED_EVENTS))
 # The beat task's bounds. It is acknowledged on receipt (a lost run is redone by the next
 # tick), so it may outlive the broker's visibility timeout; the soft limit lets it unlock
 # and stop cleanly, the hard one kills what is left.
@@ -63,124 +53,6 @@ PUBLISHED = Counter(
 )
 
 Publish = Callable[[str, str, str, datetime], None]
-
-
-# ---------------------------------------------------------------------------------------
-# Pure rules
-
-
-@dataclass(frozen=True)
-class Window:
-    """The createdTime range a run lists: [start, end)."""
-
-    start: datetime
-    end: datetime
-    # Set when the wanted start (the checkpoint, or --since) is older than DR keeps:
-    # events created in [lost_from, start) can no longer be recovered from DR.
-    lost_from: datetime | None = None
-
-
-def plan_window(
-    *, checkpoint: datetime | None, since: datetime | None, now: datetime, overlap: timedelta
-) -> Window:
-    """Where a run starts listing.
-
-    `since` (an operator's backfill) wins; else the checkpoint minus the overlap, which
-    catches events DR made visible late; with neither, all that DR still keeps. Never
-    earlier than DR's 30 days.
-    """
-    earliest = now - RETENTION + RETENTION_MARGIN
-    if since is not None:
-        wanted, needed = since, since
-    elif checkpoint is not None:
-        wanted, needed = checkpoint - overlap, checkpoint
-    else:
-        wanted, needed = earliest, None
-    lost_from = needed if needed is not None and needed < earliest else None
-    return Window(start=min(max(wanted, earliest), now), end=now, lost_from=lost_from)
-
-
-def slices(
-    start: datetime, end: datetime, size: timedelta = SLICE
-) -> list[tuple[datetime, datetime]]:
-    """[start, end) cut into consecutive ranges of at most `size`, oldest first."""
-    cuts: list[tuple[datetime, datetime]] = []
-    while start < end:
-        cuts.append((start, min(start + size, end)))
-        start += size
-    return cuts
-
-
-class Verdict(StrEnum):
-    """What a run does with one listed event."""
-
-    MISSING = "missing"  # never recorded: record it, publish it
-    STUCK = "stuck"  # recorded, unfinished for longer than a message takes: publish again
-    IN_FLIGHT = "in_flight"  # recorded a moment ago, unfinished: its message is on its way
-    DONE = "done"  # finished (applied, stale, ignored or failed): nothing to do
-    OTHER_TYPE = "other_type"  # not a handled type (DR ignored the filter): left alone
-
-
-PUBLISHED_VERDICTS = frozenset({Verdict.MISSING, Verdict.STUCK})
-
-
-@dataclass(frozen=True)
-class Known:
-    """What webhook_events says of a listed event."""
-
-    outcome: Outcome
-    received_at: datetime
-
-
-def verdict(
-    event_type: str, known: Known | None, *, now: datetime, stuck_after: timedelta
-) -> Verdict:
-    """Whether a listed event must be published."""
-    if event_type not in HANDLED_EVENTS:
-        return Verdict.OTHER_TYPE
-    if known is None:
-        return Verdict.MISSING
-    if known.outcome in FINAL_OUTCOMES:
-        return Verdict.DONE
-    # The sweeper's threshold: younger than this, the event's message is most likely
-    # still queued, and another copy would only be a duplicate.
-    return Verdict.STUCK if now - known.received_at >= stuck_after else Verdict.IN_FLIGHT
-
-
-def next_checkpoint(current: datetime | None, listed: Iterable[datetime]) -> datetime | None:
-    """The checkpoint after a slice was listed and published in full: the newest event
-    seen, never moving back. (Moved after each complete slice only: DR does not state its
-    sort order, so no earlier point proves that nothing older is still to come.)"""
-    newest = max(listed, default=None)
-    if newest is None:
-        return current
-    return newest if current is None or newest > current else current
-
-
-@dataclass(frozen=True)
-class Drift:
-    """An order whose refunded amount differs from DR's."""
-
-    order_id: str
-    currency: str | None
-    ours: Decimal
-    # None: DR does not know the order (a key for the other mode, or a deleted order).
-    dr: Decimal | None
-
-
-def drift(order_id: str, currency: str | None, ours: Decimal, dr: DROrder | None) -> Drift | None:
-    """A Drift when our refundedAmount and DR's order figure differ, else None.
-
-    An Order without `refundedAmount` has refunded nothing.
-    """
-    if dr is None:
-        return Drift(order_id, currency, ours, None)
-    theirs = dr.refunded_amount if dr.refunded_amount is not None else Decimal(0)
-    return None if theirs == ours else Drift(order_id, currency, ours, theirs)
-
-
-# ---------------------------------------------------------------------------------------
-# The run
 
 
 @dataclass
@@ -411,10 +283,9 @@ def known_events(engine: Engine, ids: Sequence[str]) -> dict[str, Known]:
     """The recorded outcome and arrival of those of `ids` that webhook_events holds."""
     if not ids:
         return {}
-    query = select(webhook_events.c.id, webhook_events.c.outcome, webhook_events.c.received_at)
     with engine.connect() as conn:
-        rows = conn.execute(query.where(webhook_events.c.id.in_(list(ids))))
-        return {row.id: Known(Outcome(row.outcome), row.received_at) for row in rows}
+        found = ledger.outcomes_of(conn, ids)
+    return {event_id: Known(outcome, received) for event_id, (outcome, received) in found.items()}
 
 
 def record_missing(engine: Engine, events: Sequence[ListedEvent], now: datetime) -> set[str]:
@@ -427,7 +298,7 @@ def record_missing(engine: Engine, events: Sequence[ListedEvent], now: datetime)
         return set()
     try:
         with transaction(engine) as conn:
-            return _insert_placeholders(conn, events, now)
+            return ledger.record_listed(conn, events, now)
     except sa_exc.DataError:
         pass
     # Postgres refused one payload (e.g. a \u0000 in a string): record the others one by
@@ -436,65 +307,22 @@ def record_missing(engine: Engine, events: Sequence[ListedEvent], now: datetime)
     for event in events:
         try:
             with transaction(engine) as conn:
-                ids |= _insert_placeholders(conn, [event], now)
+                ids |= ledger.record_listed(conn, [event], now)
         except sa_exc.DataError:
             ids.add(event.id)
     return ids
 
 
-def _insert_placeholders(
-    conn: Connection, events: Sequence[ListedEvent], now: datetime
-) -> set[str]:
-    rows = [
-        {
-            "id": event.id,
-            "type": event.type,
-            "created_time": event.created_time,
-            "live_mode": event.live_mode,
-            "payload": payload_value(conn.dialect.name, literal(event.body, Text)),
-            "outcome": Outcome.QUEUED.value,
-            "deliveries": 0,
-            "attempts": 0,
-            "received_at": now,
-            "source": "reconcile",
-        }
-        for event in events
-    ]
-    statement = (
-        insert_for(conn, webhook_events)
-        .values(rows)
-        .on_conflict_do_nothing(index_elements=[webhook_events.c.id])
-        .returning(webhook_events.c.id)
-    )
-    return set(conn.execute(statement).scalars())
-
-
 def load_checkpoint(engine: Engine) -> datetime | None:
     """The createdTime up to which events have been listed and published, if any."""
     with engine.connect() as conn:
-        return conn.execute(
-            select(reconcile_checkpoints.c.position).where(
-                reconcile_checkpoints.c.name == CHECKPOINT
-            )
-        ).scalar_one_or_none()
+        return ledger.checkpoint(conn, CHECKPOINT)
 
 
 def advance_checkpoint(engine: Engine, position: datetime) -> datetime:
     """Move the checkpoint forward to `position` (never back); returns where it is."""
     with transaction(engine) as conn:
-        values = insert_for(conn, reconcile_checkpoints).values(name=CHECKPOINT, position=position)
-        stored_position, new_position = reconcile_checkpoints.c.position, values.excluded.position
-        upsert = values.on_conflict_do_update(
-            index_elements=[reconcile_checkpoints.c.name],
-            set_={
-                "position": case(
-                    (stored_position > new_position, stored_position), else_=new_position
-                ),
-                "updated_at": func.now(),
-            },
-        ).returning(reconcile_checkpoints.c.position)
-        stored: datetime = conn.execute(upsert).scalar_one()
-    return stored
+        return ledger.advance_checkpoint(conn, CHECKPOINT, position)
 
 
 def run_scheduled(settings: Settings, engine: Engine, publish: Publish) -> int:
@@ -529,14 +357,8 @@ def check_orders(engine: Engine, client: DRClient, *, since: datetime, limit: in
     """Compare refundedAmount with DR's `GET /orders/{id}` for orders changed since `since`
     (the most recently changed first, at most `limit`: one DR call each)."""
     with engine.connect() as conn:
-        ids = conn.execute(
-            select(orders.c.id)
-            .where(orders.c.updated_at >= since)
-            .order_by(orders.c.updated_at.desc(), orders.c.id)
-            .limit(limit)
-        ).scalars()
         ours: list[tuple[str, str | None, Decimal]] = []
-        for order_id in ids.all():
+        for order_id in changed_since(conn, since, limit):
             loaded = load_order(conn, order_id)
             if loaded is not None:
                 state = loaded[0]

@@ -1,0 +1,104 @@
+"""The apply pipeline in this process, on a SQLite file: the same record, decide and save
+steps a worker runs, with no Postgres, Redis or Celery (the real ones are left to the
+integration and acceptance tests)."""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, text
+
+from models import ledger, trust, views
+from models.migrate import upgrade
+from models.rules import Outcome
+from models.settings import Settings
+from tests import eventgen
+from worker import processing
+from worker.queue.contract import apply_args
+
+
+@pytest.fixture(scope="module")
+def settings() -> Iterator[Settings]:
+    with tempfile.TemporaryDirectory(prefix="refundsync-pipeline-") as directory:
+        url = f"sqlite:///{Path(directory) / 'refundsync.db'}"
+        upgrade(url)
+        processing.reset_engine()
+        settings = Settings(DATABASE_URL=url)
+        try:
+            yield settings
+        finally:
+            processing.engine(settings).dispose()
+            processing.reset_engine()
+
+
+@pytest.fixture(scope="module")
+def engine(settings: Settings) -> Engine:
+    return processing.engine(settings)
+
+
+def _copy(engine: Engine, event: dict[str, Any], message: str | None = None) -> processing.Copy:
+    with engine.connect() as conn:
+        key = trust.load_keys(conn)[0]
+    args = apply_args(key, json.dumps(event), datetime.now(UTC).isoformat(), "webhook")
+    return processing.copy_of({}, message or uuid.uuid4().hex, *args)
+
+
+def test_any_order_and_any_copies_give_the_summary_of_the_rules(
+    settings: Settings, engine: Engine
+) -> None:
+    rng = random.Random(21)
+    events = [
+        event
+        for n in range(5)
+        for event in eventgen.order_history(rng, f"pipe-{uuid.uuid4().hex[:8]}-{n}", 8)
+    ]
+    copies = events + rng.sample(events, 10)
+    rng.shuffle(copies)
+    for event in copies:
+        result = processing.process(settings, _copy(engine, event))
+        assert result.outcome is not None
+    expected = eventgen.expected_summaries(events)
+    with engine.connect() as conn:
+        found = {
+            order_id: eventgen.without_updated_at(views.order_summary(conn, order_id) or {})
+            for order_id in expected
+        }
+    assert found == expected
+
+
+def test_a_message_counts_once_however_often_it_comes(settings: Settings, engine: Engine) -> None:
+    event = eventgen.order_history(random.Random(22), f"pipe-{uuid.uuid4().hex[:8]}", 1)[0]
+    first = processing.process(settings, _copy(engine, event, "m-1"))
+    again = processing.process(settings, _copy(engine, event, "m-1"))
+    other = processing.process(settings, _copy(engine, event, "m-2"))
+    assert first.outcome in {Outcome.APPLIED, Outcome.IGNORED, Outcome.STALE}
+    assert again.duplicate
+    assert other.duplicate
+    with engine.connect() as conn:
+        deliveries = conn.execute(
+            text("SELECT deliveries FROM webhook_events WHERE id = :id"), {"id": event["id"]}
+        ).scalar_one()
+    assert deliveries == 2
+
+
+def test_a_preview_changes_nothing(settings: Settings, engine: Engine) -> None:
+    history = eventgen.order_history(random.Random(23), f"pipe-{uuid.uuid4().hex[:8]}", 3)
+    for event in history:
+        processing.process(settings, _copy(engine, event))
+    order_id = next(iter(eventgen.expected_summaries(history)))
+    with engine.connect() as conn:
+        before = views.order_summary(conn, order_id)
+        stored = ledger.stored_events(conn, [str(history[-1]["id"])])[0]
+    preview = processing.preview(settings, stored)
+    assert preview.outcome is not None
+    with engine.connect() as conn:
+        assert views.order_summary(conn, order_id) == before
+        assert ledger.stored_events(conn, [stored.id])[0].outcome == stored.outcome
