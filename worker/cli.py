@@ -18,12 +18,10 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from ingest.server import Limits, serve
 from ingest.signature import sign as make_signature
 from models import ledger, logs, trust, views
 from models.db import describe, make_engine, transaction
 from models.errors import ConfigError, RefundSyncError
-from models.migrate import upgrade
 from models.rules import iso
 from models.settings import Settings, load_settings
 from models.telemetry import share_metrics_between_processes
@@ -54,8 +52,11 @@ def main() -> None:
 
 @main.command(help="Apply the database migrations (Alembic upgrade head).")
 def migrate() -> None:
-    settings = _settings("DATABASE_URL")
+    # Here, not at the top: Alembic is only for this command and `run`, and every worker
+    # process would carry it.
+    from models.migrate import upgrade
 
+    settings = _settings("DATABASE_URL")
     try:
         upgrade(settings.database_url or "")
     except SQLAlchemyError as exc:
@@ -119,6 +120,10 @@ def ingest(
     keep_alive_timeout: int,
     limit_concurrency: int,
 ) -> None:
+    # Here, not at the top: uvicorn is only for this command, and every worker process
+    # would carry it.
+    from ingest.server import Limits, serve
+
     _settings("REDIS_URL", "DATABASE_URL", "DR_WEBHOOK_SECRETS")
     share_metrics_between_processes()
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then raises the signal again
@@ -199,6 +204,7 @@ def run(host: str, port: int, data_dir: Path | None, dev_secret: bool) -> None:
     env = {**os.environ, **plan.env}
     # The URLs may come from a .env file rather than the environment.
     database_url = plan.env.get("DATABASE_URL") or settings.database_url or ""
+    from models.migrate import upgrade
 
     try:
         upgrade(database_url)
