@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -559,3 +560,17 @@ class EventTap(threading.Thread):
         self.halt.set()
         self.join()
         self.pubsub.close()
+
+
+def sealed_copy(
+    engine: Engine, event: Mapping[str, Any], message: str, *, redelivered: bool = False
+) -> Any:
+    """The copy a worker's processing gets from an events.apply message carrying `event`,
+    sealed with the database's newest queue key (worker.processing.Copy)."""
+    from worker import processing
+    from worker.queue.contract import apply_args
+
+    with engine.connect() as conn:
+        key = trust.load_keys(conn)[0]
+    args = apply_args(key, json.dumps(event), datetime.now(UTC).isoformat(), "webhook")
+    return processing.copy_of({"redelivered": redelivered}, message, *args)

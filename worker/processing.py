@@ -620,12 +620,12 @@ def _decide(
     """The one decision, alone, together or in a preview: a verdict found when recording
     the copy, an ignored event, or the rules applied to its order's state (locked and
     loaded in `states`, which it updates)."""
-    if verdict is not None or interpreted is None:
-        assert verdict is not None  # noqa: S101 - a programming error, not input
+    if verdict is not None:
         if verdict.outcome is Outcome.FAILED and not verdict.duplicate:
             failed = ledger.Finish(event_id, Outcome.FAILED, error=verdict.reason or "")
             return _Decided(verdict, failed)
         return _Decided(verdict)
+    assert interpreted is not None  # noqa: S101 - a copy to apply was interpreted first
     envelope, plan = interpreted
     if isinstance(plan, Ignore):
         ignored = Result(event_id, Outcome.IGNORED, reason=plan.reason, event_type=envelope.type)

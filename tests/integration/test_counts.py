@@ -9,19 +9,17 @@ import json
 import random
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
 
-from models import ledger, trust
+from models import ledger
 from models.db import autocommit
 from models.rules import Outcome
 from models.settings import Settings
 from tests import eventgen, support
 from worker import processing
-from worker.queue.contract import apply_args
 
 
 @pytest.fixture
@@ -52,13 +50,8 @@ def _event() -> dict[str, Any]:
 def _copy(
     engine: Engine, event: dict[str, Any], message: str, *, redelivered: bool = False
 ) -> processing.Copy:
-    with engine.connect() as conn:
-        key = trust.load_keys(conn)[0]
-    body, received_at, source, seal = apply_args(
-        key, json.dumps(event), datetime.now(UTC).isoformat(), "webhook"
-    )
-    delivery_info = {"redelivered": redelivered}
-    return processing.copy_of(delivery_info, message, body, received_at, source, seal)
+    copy: processing.Copy = support.sealed_copy(engine, event, message, redelivered=redelivered)
+    return copy
 
 
 def _started_then_died(engine: Engine, event: dict[str, Any], message: str) -> None:

@@ -4,25 +4,22 @@ integration and acceptance tests)."""
 
 from __future__ import annotations
 
-import json
 import random
 import tempfile
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
 
-from models import ledger, trust, views
+from models import ledger, views
 from models.migrate import upgrade
 from models.rules import Outcome
 from models.settings import Settings
-from tests import eventgen
+from tests import eventgen, support
 from worker import processing
-from worker.queue.contract import apply_args
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +42,8 @@ def engine(settings: Settings) -> Engine:
 
 
 def _copy(engine: Engine, event: dict[str, Any], message: str | None = None) -> processing.Copy:
-    with engine.connect() as conn:
-        key = trust.load_keys(conn)[0]
-    args = apply_args(key, json.dumps(event), datetime.now(UTC).isoformat(), "webhook")
-    return processing.copy_of({}, message or uuid.uuid4().hex, *args)
+    copy: processing.Copy = support.sealed_copy(engine, event, message or uuid.uuid4().hex)
+    return copy
 
 
 def test_any_order_and_any_copies_give_the_summary_of_the_rules(
