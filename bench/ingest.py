@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from ingest.signature import sign
+from models.signature import sign
 from tests import eventgen, support
 
 SECRET = "whsec_bench"

@@ -11,7 +11,7 @@ import os
 from celery import Celery
 from fastapi import FastAPI, Request, Response
 
-from ingest.signature import HEADER, SignatureError, verify
+from models.signature import HEADER, SignatureError, verify
 from worker.queue.contract import APPLY_TASK
 
 

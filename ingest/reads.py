@@ -16,8 +16,8 @@ from starlette.responses import Response
 from ingest.responses import error, ok
 from models import ledger, views
 from models.db import make_engine
+from models.outcome import Outcome
 from models.payloads import could_be_stored_id
-from models.rules import Outcome
 from models.settings import Settings
 from worker.queue.publish import BrokerUnavailable, EventQueue
 

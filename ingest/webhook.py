@@ -14,9 +14,10 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from ingest import metrics
-from ingest.signature import HEADER, SignatureError, verify
-from models.payloads import load_json, usable_text
+from models.envelope import UnusableEnvelope, header_of
+from models.payloads import load_json
 from models.settings import Settings
+from models.signature import HEADER, SignatureError, verify
 from worker.queue.publish import BrokerUnavailable, EventQueue
 
 log = logging.getLogger("refundsync.ingest")
@@ -137,15 +138,11 @@ class WebhookEndpoint:
             event = load_json(text, exact=False)
         except (ValueError, RecursionError):
             return _error(400, "invalid_json", "body is not valid UTF-8 JSON")
-        if not isinstance(event, dict):
-            return _error(400, "invalid_event", "body must be a JSON object")
-        event_id, event_type = usable_text(event.get("id")), usable_text(event.get("type"))
-        if event_id is None or event_type is None:
-            return _error(
-                400,
-                "invalid_event",
-                "event needs string id and type (1-255 characters, no control characters)",
-            )
+        try:
+            header = header_of(event)
+        except UnusableEnvelope as exc:
+            return _error(400, "invalid_event", f"{exc} (1-255 characters, no control characters)")
+        event_id, event_type = header.id, header.type
         received_at = datetime.now(UTC).isoformat()
         try:
             await self._publisher.publish(text, event_id, event_type, received_at)

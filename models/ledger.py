@@ -29,18 +29,9 @@ from sqlalchemy import (
 )
 
 from models.db import insert_for, insert_statement, payload_value, query_all
-from models.rules import FINAL_OUTCOMES, Outcome
+from models.envelope import EventHeader
+from models.outcome import FINAL_OUTCOMES, Outcome
 from models.tables import reconcile_checkpoints, webhook_events
-
-
-@dataclass(frozen=True)
-class EventHeader:
-    """What is recorded of an event before it is validated: enough to find it again."""
-
-    id: str
-    type: str
-    created_time: datetime | None
-    live_mode: bool | None
 
 
 @dataclass(frozen=True)

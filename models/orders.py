@@ -4,11 +4,11 @@ rows. Every function takes the caller's connection."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     CompoundSelect,
@@ -40,6 +40,9 @@ from models.rules import (
     RefundRow,
 )
 from models.tables import charge_refunds, chargebacks, orders, refund_history, refunds
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 def _lock_order_statement(dialect: str) -> Insert:
@@ -301,6 +304,15 @@ def history_rows(order_id: str, event_id: str, changes: Iterable[Change]) -> lis
     ]
 
 
+def _changed(before: Mapping[K, V], after: Mapping[K, V]) -> list[V]:
+    """The rows of `after` that are new or differ from `before`'s."""
+    return [row for key, row in after.items() if before.get(key) != row]
+
+
+def _last_event(event: EventRef) -> dict[str, Any]:
+    return {"last_event_id": event.id, "last_event_time": event.time}
+
+
 def order_writes(
     conn: Connection, before: OrderState, after: OrderState
 ) -> list[tuple[Any, list[dict[str, Any]]]]:
@@ -327,11 +339,9 @@ def order_writes(
             "reason": refund.reason,
             "failure_reason": refund.failure_reason,
             "created_time": refund.created_time,
-            "last_event_id": refund.event.id,
-            "last_event_time": refund.event.time,
+            **_last_event(refund.event),
         }
-        for refund in after.refunds.values()
-        if before.refunds.get(refund.id) != refund
+        for refund in _changed(before.refunds, after.refunds)
     ]
     entry_rows = [
         {
@@ -342,11 +352,9 @@ def order_writes(
             "created_time": entry.created_time,
             "amount": entry.amount,
             "state": entry.state.value,
-            "last_event_id": entry.event.id,
-            "last_event_time": entry.event.time,
+            **_last_event(entry.event),
         }
-        for key, entry in after.charge_refunds.items()
-        if before.charge_refunds.get(key) != entry
+        for entry in _changed(before.charge_refunds, after.charge_refunds)
     ]
     chargeback_rows = [
         {
@@ -354,11 +362,9 @@ def order_writes(
             "id": row.id,
             "type": row.type,
             "amount": row.amount,
-            "last_event_id": row.event.id,
-            "last_event_time": row.event.time,
+            **_last_event(row.event),
         }
-        for row in after.chargebacks.values()
-        if before.chargebacks.get(row.id) != row
+        for row in _changed(before.chargebacks, after.chargebacks)
     ]
     return [
         (prebuilt.save_order, [order_row]),

@@ -36,26 +36,9 @@ from models.money import MAX_AMOUNT, check_currency, to_minor_unit
 # with 202 a body that no worker can read, and the event would vanish).
 MAX_JSON_DEPTH = 100
 
-# Characters an event id or type must not hold: control characters (Postgres text cannot
-# store NUL; the others would forge log lines) and unpaired surrogates (not encodable as
-# UTF-8, so neither storable nor echoable in an answer). Queued anyway, such an event could
-# never be recorded by a worker: it would vanish after a 202.
-_UNUSABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
-# Nor can a stored id of any kind (order, refund) hold these.
+# A stored id of any kind (order, refund) cannot hold these: Postgres text stores no NUL,
+# and an unpaired surrogate is not encodable as UTF-8.
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-
-
-def usable_text(value: object) -> str | None:
-    """`value` if it can be an event's id or type: a non-blank string of at most 255
-    characters with no control characters; else None."""
-    if (
-        isinstance(value, str)
-        and value.strip()
-        and len(value) <= 255
-        and not _UNUSABLE.search(value)
-    ):
-        return value
-    return None
 
 
 def could_be_stored_id(value: str) -> bool:
@@ -318,3 +301,10 @@ def parse_object(model: type[M], data: object) -> M:
 def as_utc(value: datetime) -> datetime:
     """Event times compare as instants; normalise to UTC for storage and display."""
     return value.astimezone(UTC)
+
+
+def iso(value: datetime | None) -> str | None:
+    """An instant as ISO-8601 UTC with a `Z`, as DR writes them."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")

@@ -13,12 +13,13 @@ from sqlalchemy import Connection
 
 from models import ledger, orders
 from models.db import Params, execute_all, query_all
+from models.envelope import EventHeader
 from models.rules import OrderState
 
 
 def record_and_load(
     conn: Connection,
-    header: ledger.EventHeader,
+    header: EventHeader,
     raw: str,
     *,
     received_at: datetime,

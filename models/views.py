@@ -8,7 +8,8 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from models.orders import load_order
-from models.rules import iso, summarize
+from models.payloads import iso
+from models.summary import summarize
 from models.tables import webhook_events
 
 

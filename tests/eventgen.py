@@ -9,7 +9,8 @@ from decimal import Decimal
 from typing import Any
 
 from models.payloads import Envelope, as_utc, load_json
-from models.rules import EventRef, Ignore, OrderState, apply, interpret, summarize
+from models.rules import EventRef, Ignore, OrderState, apply, interpret
+from models.summary import summarize
 
 _REFUND_PATHS = [
     ["pending", "succeeded"],

@@ -28,9 +28,9 @@ import psycopg
 import redis as redis_client
 from sqlalchemy import Engine, text
 
-from ingest.signature import sign
 from models import trust
 from models.db import make_engine
+from models.signature import sign
 from tests import deadlines
 from worker.queue.keys import QueueKeys
 

@@ -18,12 +18,12 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from ingest.signature import sign as make_signature
 from models import ledger, logs, trust, views
 from models.db import describe, make_engine, transaction
 from models.errors import ConfigError, RefundSyncError
-from models.rules import iso
+from models.payloads import iso
 from models.settings import Settings, load_settings
+from models.signature import sign as make_signature
 from models.telemetry import share_metrics_between_processes
 
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}

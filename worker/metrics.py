@@ -10,7 +10,8 @@ from prometheus_client import (
     start_http_server,
 )
 
-from models.rules import HANDLED_EVENTS, Outcome
+from models.outcome import Outcome
+from models.rules import HANDLED_EVENTS
 from models.telemetry import service_registry
 
 # The outcome of a message with no usable event id, which nothing can be recorded against:

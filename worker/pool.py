@@ -64,6 +64,10 @@ ALONE_BUDGET_S = TASK_TIME_LIMIT_S / 3
 
 # What the pool process runs for one message: Celery's own arguments for its tracer.
 Job = tuple[str, str, dict[str, Any], Any, str | None, str | None]
+
+# A field of the task's request (`self.request` in the task) naming why the pool hands its
+# message back untried. Only the pool sets it: it never travels in a message.
+DEFERRED = "refundsync_deferred"
 # What the tracer returns for one message: (failed, result or exception info, runtime).
 Traced = tuple[int, Any, float]
 
@@ -289,9 +293,16 @@ def run_batch(jobs: list[Job]) -> list[Traced]:
         else:
             # Tried again later: a job past its time limit would be killed, and every one of
             # its messages sent back to be tried alone.
-            with processing.deferring("not tried: the messages sent with it took too long"):
-                traced.append(_trace(job))
+            traced.append(
+                _trace(_deferred(job, "not tried: the messages sent with it took too long"))
+            )
     return traced
+
+
+def _deferred(job: Job, reason: str) -> Job:
+    """The job with its request marked: the task hands the message back untried."""
+    name, task_id, request, body, content_type, content_encoding = job
+    return (name, task_id, {**request, DEFERRED: reason}, body, content_type, content_encoding)
 
 
 def _trace(job: Job) -> Traced:

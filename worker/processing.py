@@ -11,29 +11,28 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 from sqlalchemy import Connection, Engine
 from sqlalchemy import exc as sa_exc
 
 from models import ledger, orders, store, trust
 from models.db import autocommit, is_sqlite, make_engine, transaction
-from models.errors import ConfigError, Deferred, InvalidEvent, PermanentError, TransientError
+from models.envelope import EventHeader, header_of, usable_text
+from models.errors import ConfigError, InvalidEvent, PermanentError, TransientError
 from models.logs import bound, brief
-from models.payloads import Envelope, Instant, as_utc, load_json, usable_text
+from models.outcome import FINAL_OUTCOMES, Outcome
+from models.payloads import Envelope, as_utc, load_json
 from models.rules import (
-    FINAL_OUTCOMES,
     Change,
     Decision,
     EventRef,
     Ignore,
     OrderState,
-    Outcome,
     Plan,
     apply,
     ignored_type,
@@ -50,7 +49,6 @@ T = TypeVar("T")
 
 _engine: Engine | None = None
 _keys: QueueKeys | None = None
-_CREATED_TIME = TypeAdapter(Instant)
 
 
 def reset_engine() -> None:
@@ -92,29 +90,6 @@ class Result:
         if self.refused:
             return "refused"
         return self.outcome.value if self.outcome else metrics.UNRECORDABLE
-
-
-def header_of(data: Any) -> ledger.EventHeader:
-    """The fields needed to record an event at all; anything less is unrecordable."""
-    if not isinstance(data, dict):
-        raise InvalidEvent("event is not a JSON object")
-    event_id, event_type = usable_text(data.get("id")), usable_text(data.get("type"))
-    if event_id is None:
-        raise InvalidEvent("event has no usable string id")
-    if event_type is None:
-        raise InvalidEvent("event has no usable string type")
-    live = data.get("liveMode")
-    created: datetime | None
-    try:
-        created = _CREATED_TIME.validate_python(data.get("createdTime"))
-    except ValidationError:
-        created = None
-    return ledger.EventHeader(
-        id=event_id,
-        type=event_type,
-        created_time=as_utc(created) if created else None,
-        live_mode=live if isinstance(live, bool) else None,
-    )
 
 
 def _db(call: Callable[[], T]) -> T:
@@ -230,26 +205,8 @@ def _parse_time(value: str) -> datetime:
         return datetime.now(UTC)
 
 
-# Why copies are handed back untried, while a pool job that ran out of time hands back the
-# rest of its messages (worker.pool).
-_deferred: str | None = None
-
-
-@contextmanager
-def deferring(reason: str) -> Iterator[None]:
-    """Within, `process` tries no copy: each is to be tried again later, for `reason`."""
-    global _deferred
-    _deferred = reason
-    try:
-        yield
-    finally:
-        _deferred = None
-
-
 def process(settings: Settings, copy: Copy) -> Result:
     """Apply one copy of an event. Raises TransientError when it should be tried again."""
-    if _deferred is not None:
-        raise Deferred(_deferred)
     if not trusted(settings, copy):
         return refuse(settings, copy)
     try:
@@ -266,7 +223,7 @@ def process(settings: Settings, copy: Copy) -> Result:
     return result
 
 
-def _observe(header: ledger.EventHeader, copy: Copy, result: Result) -> None:
+def _observe(header: EventHeader, copy: Copy, result: Result) -> None:
     metrics.observe(
         header.type,
         result.outcome,
@@ -284,7 +241,7 @@ def event_id_of(body: str) -> str | None:
         return None
 
 
-def _process_copy(settings: Settings, header: ledger.EventHeader, data: Any, copy: Copy) -> Result:
+def _process_copy(settings: Settings, header: EventHeader, data: Any, copy: Copy) -> Result:
     db = engine(settings)
     retry_error: TransientError | None = None
     if not copy.redelivered:
@@ -315,9 +272,7 @@ def _process_copy(settings: Settings, header: ledger.EventHeader, data: Any, cop
         raise
 
 
-def _verdict(
-    settings: Settings, header: ledger.EventHeader, delivery: ledger.Delivery
-) -> Result | None:
+def _verdict(settings: Settings, header: EventHeader, delivery: ledger.Delivery) -> Result | None:
     """What a recorded copy comes to without applying it; None when it is to be applied."""
     if delivery.outcome in FINAL_OUTCOMES:
         return Result(header.id, delivery.outcome, duplicate=True)
@@ -337,7 +292,7 @@ def _verdict(
 
 
 def _record_and_apply(
-    db: Engine, settings: Settings, header: ledger.EventHeader, data: Any, copy: Copy
+    db: Engine, settings: Settings, header: EventHeader, data: Any, copy: Copy
 ) -> Result:
     # Validated first (pure, no lock held yet): an invalid event takes the two-step path,
     # which records it and its reason.
@@ -372,7 +327,7 @@ class _Ready:
 
     index: int
     copy: Copy
-    header: ledger.EventHeader
+    header: EventHeader
     interpreted: tuple[Envelope, Plan | Ignore]
     labels: dict[str, str]
 
@@ -473,7 +428,7 @@ def _apply_together(db: Engine, settings: Settings, ready: list[_Ready]) -> list
 def _process(
     settings: Settings,
     db: Engine,
-    header: ledger.EventHeader,
+    header: EventHeader,
     data: Any,
     delivery: ledger.Delivery,
 ) -> Result:
@@ -500,7 +455,7 @@ def preview(settings: Settings, event: ledger.StoredEvent) -> Result:
             scope.rollback()
 
 
-def _record(db: Engine, header: ledger.EventHeader, copy: Copy) -> ledger.Delivery:
+def _record(db: Engine, header: EventHeader, copy: Copy) -> ledger.Delivery:
     def record(raw: str) -> ledger.Delivery:
         # One statement, committed on its own.
         with autocommit(db) as conn:

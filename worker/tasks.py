@@ -15,7 +15,7 @@ from models.logs import bound
 from worker import processing
 from worker.app import app, settings
 from worker.policy import retry_countdown
-from worker.pool import PrivateRequest
+from worker.pool import DEFERRED, PrivateRequest
 from worker.queue.contract import APPLY_TASK, RECONCILE_TASK, SWEEP_TASK
 from worker.queue.republish import Sender
 from worker.reconcile.run import RECONCILE_SOFT_TIME_LIMIT_S, RECONCILE_TIME_LIMIT_S, run_scheduled
@@ -48,11 +48,12 @@ def apply_event(
 
 
 def _apply_event(self: Task[Any, Any], copy: processing.Copy) -> str:
+    deferred = getattr(self.request, DEFERRED, None)
+    if isinstance(deferred, str):
+        return _defer(self, deferred)
     body = copy.body
     try:
         result = processing.process(settings, copy)
-    except Deferred as exc:
-        return _defer(self, exc)
     except TransientError as exc:
         return _retry(self, exc, event_id=processing.event_id_of(body))
     except Exception as exc:
@@ -63,11 +64,12 @@ def _apply_event(self: Task[Any, Any], copy: processing.Copy) -> str:
     return result.task_result
 
 
-def _defer(task: Task[Any, Any], exc: Deferred) -> str:
+def _defer(task: Task[Any, Any], reason: str) -> str:
     """Queue this message again untried, its retries as they were (Celery's retry would
     count one more, and back off as for a failure)."""
     request = task.request
-    log.info("event.deferred", extra={"reason": str(exc)})
+    exc = Deferred(reason)
+    log.info("event.deferred", extra={"reason": reason})
     again = task.signature_from_request(
         request,
         None,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.signature import verify
+from models.signature import verify
 from tests import support
 
 

@@ -16,7 +16,8 @@ from sqlalchemy import Engine, text
 
 from models import ledger
 from models.db import autocommit
-from models.rules import Outcome
+from models.envelope import header_of
+from models.outcome import Outcome
 from models.settings import Settings
 from tests import eventgen, support
 from worker import processing
@@ -58,7 +59,7 @@ def _started_then_died(engine: Engine, event: dict[str, Any], message: str) -> N
     """What a worker leaves when it dies in an attempt that took the two-step path (a
     redelivered message): the attempt recorded as started, nothing else."""
     copy = _copy(engine, event, message, redelivered=True)
-    header = processing.header_of(json.loads(copy.body))
+    header = header_of(json.loads(copy.body))
     with autocommit(engine) as conn:
         ledger.record_delivery(
             conn,

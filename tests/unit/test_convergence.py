@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.payloads import Envelope, as_utc, load_json
-from models.rules import EventRef, Ignore, OrderState, apply, interpret, summarize
+from models.rules import EventRef, Ignore, OrderState, apply, interpret
+from models.summary import summarize
 
 ORDER_ID = "241500010336"
 CURRENCY = "USD"

@@ -16,7 +16,7 @@ from sqlalchemy import Engine, text
 
 from models import ledger, views
 from models.migrate import upgrade
-from models.rules import Outcome
+from models.outcome import Outcome
 from models.settings import Settings
 from tests import eventgen, support
 from worker import processing

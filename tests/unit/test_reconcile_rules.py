@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from models.outcome import Outcome
 from models.payloads import load_json
-from models.rules import Outcome
 from worker.reconcile.dr_api import (
     DRApiMalformed,
     DROrder,
@@ -185,6 +185,11 @@ def _event(**fields: Any) -> dict[str, Any]:
         ({"hasMore": False, "data": [_event(id=None)]}, "data[0].id is missing"),
         ({"hasMore": False, "data": [_event(id="")]}, "data[0].id is missing"),
         ({"hasMore": False, "data": [_event(type=7)]}, "data[0].type is missing"),
+        # The one envelope check (models.envelope): what the ingest refuses, a page may not hold.
+        ({"hasMore": False, "data": [_event(id="e\n1")]}, "data[0].id is missing"),
+        ({"hasMore": False, "data": [_event(id="   ")]}, "data[0].id is missing"),
+        ({"hasMore": False, "data": [_event(type="refund.\x00")]}, "data[0].type is missing"),
+        ({"hasMore": False, "data": [_event(id="e" * 256)]}, "data[0].id is missing"),
         ({"hasMore": False, "data": [_event(createdTime=None)]}, "data[0].createdTime"),
         (
             {"hasMore": False, "data": [_event(), _event(createdTime="2026-06-30T11:00:00")]},

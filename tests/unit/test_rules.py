@@ -18,19 +18,11 @@ from typing import Any
 import pytest
 
 from models.errors import InvalidEvent
+from models.outcome import Outcome
 from models.payloads import Envelope, as_utc, load_json
-from models.rules import (
-    Decision,
-    EventRef,
-    Ignore,
-    OrderState,
-    Outcome,
-    Plan,
-    apply,
-    interpret,
-    summarize,
-)
+from models.rules import Decision, EventRef, Ignore, OrderState, Plan, apply, interpret
 from models.settings import LiveMode
+from models.summary import summarize
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "dr_examples"
 STORY = (

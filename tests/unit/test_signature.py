@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ingest.signature import SignatureError, compute, sign, verify
+from models.signature import SignatureError, compute, sign, verify
 
 BODY = b'{"id":"evt_1","type":"refund.complete"}'
 NOW = 1_716_000_000

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -29,15 +29,14 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from models.envelope import UnusableEnvelope, header_of
 from models.errors import InvalidEvent, RefundSyncError
-from models.payloads import Instant, Order, load_json
-from models.rules import iso
+from models.payloads import Order, iso, load_json
 
 log = logging.getLogger("refundsync.dr_api")
 
 PAGE_LIMIT = 100
 USER_AGENT = "refundsync/0.1"
-_INSTANT = TypeAdapter(Instant)
 
 
 class DRApiError(RefundSyncError):
@@ -169,23 +168,20 @@ def parse_event_page(data: Any, where: str) -> EventPage:
 
 
 def _listed_event(item: Any, where: str) -> ListedEvent:
-    if not isinstance(item, dict):
-        raise DRApiMalformed(f"{where} is not an object")
-    event_id, event_type = item.get("id"), item.get("type")
-    if not isinstance(event_id, str) or not 0 < len(event_id) <= 255:
-        raise DRApiMalformed(f"{where}.id is missing or not a usable string")
-    if not isinstance(event_type, str) or not 0 < len(event_type) <= 255:
-        raise DRApiMalformed(f"{where}.type is missing or not a usable string")
     try:
-        created = _INSTANT.validate_python(item.get("createdTime"))
-    except ValidationError:
-        raise DRApiMalformed(f"{where}.createdTime is missing or not an ISO time") from None
-    live = item.get("liveMode")
+        header = header_of(item)
+    except UnusableEnvelope as exc:
+        if exc.field is None:
+            raise DRApiMalformed(f"{where} is not an object") from None
+        raise DRApiMalformed(f"{where}.{exc.field} is missing or not a usable string") from None
+    if header.created_time is None:
+        # Reconciliation pages by it: an event without one cannot be placed.
+        raise DRApiMalformed(f"{where}.createdTime is missing or not an ISO time")
     return ListedEvent(
-        id=event_id,
-        type=event_type,
-        created_time=created,
-        live_mode=live if isinstance(live, bool) else None,
+        id=header.id,
+        type=header.type,
+        created_time=header.created_time,
+        live_mode=header.live_mode,
         body=dumps_exact(item),
     )
 

@@ -9,7 +9,8 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 
-from models.rules import FINAL_OUTCOMES, HANDLED_EVENTS, Outcome
+from models.outcome import FINAL_OUTCOMES, Outcome
+from models.rules import HANDLED_EVENTS
 from worker.reconcile.dr_api import DROrder
 
 # DR's Events API keeps this much history.

@@ -18,8 +18,9 @@ from sqlalchemy import exc as sa_exc
 from models import ledger
 from models.db import is_sqlite, transaction
 from models.orders import changed_since, load_order
-from models.rules import iso, refunded_amount
+from models.payloads import iso
 from models.settings import Settings
+from models.summary import refunded_amount
 from worker.reconcile.dr_api import DRApiError, DRClient, EventPage, ListedEvent
 from worker.reconcile.plan import (
     RECONCILED_TYPES,
