@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from models.migrate import upgrade
 from models.signature import sign
 from tests import eventgen, support
 
@@ -97,6 +98,8 @@ def main() -> None:
     payloads(data, 20_000)
     redis = support.RedisServer().start()
     db = support.Database().create()
+    # The ingest seals each message with the queue key the migrations create.
+    upgrade(db.url)
     env = support.service_env(db.url, redis.url, DR_WEBHOOK_SECRETS=SECRET)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in SERVERS}
     try:
