@@ -105,7 +105,9 @@ def create_app(settings: Settings) -> ASGIApp:
     app = Starlette(
         routes=[
             Route(WEBHOOK_PATH, endpoint, methods=["POST"]),
+            Route("/orders", reads.find_orders, methods=["GET"]),
             Route("/orders/{order_id:path}", reads.get_order, methods=["GET"]),
+            Route("/invoices/{invoice_id:path}", reads.get_invoice, methods=["GET"]),
             Route("/events/{event_id:path}", reads.get_event, methods=["GET"]),
             Route("/events", reads.list_events, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),

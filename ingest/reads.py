@@ -1,5 +1,5 @@
-"""The read API (`/orders/{id}`, `/events/{id}`, `/events`) and readiness: bearer token,
-read-only queries."""
+"""The read API (`/orders/{id}`, `/orders?upstreamId=`, `/invoices/{id}`, `/events/{id}`,
+`/events`) and readiness: bearer token, read-only queries."""
 
 from __future__ import annotations
 
@@ -92,18 +92,47 @@ def _unauthorized() -> Response:
 
 async def get_order(request: Request) -> Response:
     """`GET /orders/{orderId}`: the order's refund summary."""
+    return await _summary(request, request.path_params["order_id"], views.order_summary, "order")
+
+
+async def get_invoice(request: Request) -> Response:
+    """`GET /invoices/{invoiceId}`: the refund summary of an invoice's refunds."""
+    invoice_id = request.path_params["invoice_id"]
+    return await _summary(request, invoice_id, views.invoice_summary, "invoice")
+
+
+async def _summary(
+    request: Request,
+    key: str,
+    view: Callable[[Connection, str], dict[str, Any] | None],
+    kind: str,
+) -> Response:
     if not _authorized(request):
         return _unauthorized()
-    order_id = request.path_params["order_id"]
-    if not could_be_stored_id(order_id):
-        return error(404, "not_found", "unknown order")
+    if not could_be_stored_id(key):
+        return error(404, "not_found", f"unknown {kind}")
     try:
-        summary = await _query(request, views.order_summary, order_id)
+        summary = await _query(request, view, key)
     except SQLAlchemyError as exc:
         return _database_error(exc)
     if summary is None:
-        return error(404, "not_found", "unknown order")
+        return error(404, "not_found", f"unknown {kind}")
     return ok(summary)
+
+
+async def find_orders(request: Request) -> Response:
+    """`GET /orders?upstreamId=X`: the summaries of the orders with the merchant's id X."""
+    if not _authorized(request):
+        return _unauthorized()
+    upstream_id = request.query_params.get("upstreamId")
+    if not upstream_id:
+        return error(400, "invalid_request", "upstreamId is required")
+    if not could_be_stored_id(upstream_id):
+        return ok([])
+    try:
+        return ok(await _query(request, views.upstream_summaries, upstream_id))
+    except SQLAlchemyError as exc:
+        return _database_error(exc)
 
 
 async def get_event(request: Request) -> Response:
@@ -123,7 +152,7 @@ async def get_event(request: Request) -> Response:
 
 
 async def list_events(request: Request) -> Response:
-    """`GET /events?outcome=failed&limit=N`: processing records, newest first."""
+    """`GET /events?outcome=failed&orderId=X&limit=N`: processing records, newest first."""
     if not _authorized(request):
         return _unauthorized()
     outcome = request.query_params.get("outcome")
@@ -135,8 +164,13 @@ async def list_events(request: Request) -> Response:
     valid = len(raw_limit) <= 4 and raw_limit.isascii() and raw_limit.isdecimal()
     if not valid or not 1 <= int(raw_limit) <= MAX_LIMIT:
         return error(400, "invalid_limit", f"limit must be an integer from 1 to {MAX_LIMIT}")
+    order_id = request.query_params.get("orderId")
+    if order_id is not None and not could_be_stored_id(order_id):
+        return ok([])  # no event names such an order
     try:
-        records = await _query(request, views.event_records, outcome=outcome, limit=int(raw_limit))
+        records = await _query(
+            request, views.event_records, outcome=outcome, limit=int(raw_limit), order_id=order_id
+        )
     except SQLAlchemyError as exc:
         return _database_error(exc)
     return ok(records)

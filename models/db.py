@@ -8,7 +8,9 @@ from typing import Any, cast
 
 import psycopg
 from psycopg.rows import namedtuple_row
+from psycopg.types.json import Jsonb
 from sqlalchemy import (
+    JSON,
     Connection,
     Engine,
     Insert,
@@ -138,19 +140,29 @@ def execute_all(conn: Connection, writes: Sequence[tuple[Executable, Params]]) -
     try:
         with raw.pipeline(), raw.cursor() as cursor:
             for statement, params in writes:
-                sql, defaults = _compiled(statement, conn.dialect)
+                sql, defaults, json = _compiled(statement, conn.dialect)
                 if isinstance(params, list):
-                    cursor.executemany(sql, [{**defaults, **row} for row in params])
+                    cursor.executemany(sql, [_adapted({**defaults, **row}, json) for row in params])
                 else:
-                    cursor.execute(sql, {**defaults, **params})
+                    cursor.execute(sql, _adapted({**defaults, **params}, json))
     except psycopg.Error as exc:
         # The same typed error a statement run through SQLAlchemy would raise.
         raise DBAPIError.instance(sql, None, exc, psycopg.Error, dialect=conn.dialect) from exc
 
 
+def _adapted(params: dict[str, Any], json: frozenset[str]) -> dict[str, Any]:
+    # SQLAlchemy's JSON type would serialise these values; psycopg needs them marked.
+    if not json:
+        return params
+    return {
+        name: Jsonb(value) if name in json and value is not None else value
+        for name, value in params.items()
+    }
+
+
 # Keyed by the statement's identity; each entry keeps its statement alive, so an id is
 # never reused by another statement while it is here.
-_COMPILED: dict[tuple[int, str], tuple[Executable, str, dict[str, Any]]] = {}
+_COMPILED: dict[tuple[int, str], tuple[Executable, str, dict[str, Any], frozenset[str]]] = {}
 
 
 def query_all(
@@ -171,9 +183,9 @@ def query_all(
         with raw.pipeline() as pipeline:
             cursors = []
             for statement, params in queries:
-                sql, defaults = _compiled(statement, conn.dialect)
+                sql, defaults, json = _compiled(statement, conn.dialect)
                 cursor = raw.cursor(row_factory=namedtuple_row)
-                cursor.execute(sql, {**defaults, **params})
+                cursor.execute(sql, _adapted({**defaults, **params}, json))
                 cursors.append(cursor)
             pipeline.sync()
             return [cursor.fetchall() for cursor in cursors]
@@ -193,7 +205,10 @@ def _driver_connection(conn: Connection) -> psycopg.Connection[Any]:
     return raw
 
 
-def _compiled(statement: Executable, dialect: Dialect) -> tuple[str, dict[str, Any]]:
+def _compiled(
+    statement: Executable, dialect: Dialect
+) -> tuple[str, dict[str, Any], frozenset[str]]:
+    """The statement's SQL, its default parameters, and the names of its JSON parameters."""
     key = (id(statement), dialect.name)
     found = _COMPILED.get(key)
     if found is None:
@@ -201,8 +216,13 @@ def _compiled(statement: Executable, dialect: Dialect) -> tuple[str, dict[str, A
         # Only plain named parameters: no expanding IN lists or post-compile values, which
         # the compiled string alone would not carry.
         assert not compiled.post_compile_params  # noqa: S101 - a programming error
-        found = _COMPILED[key] = (statement, str(compiled), dict(compiled.params))
-    return found[1], found[2]
+        json = frozenset(
+            name
+            for name, bind in compiled.binds.items()
+            if isinstance(bind.type.dialect_impl(dialect), JSON)
+        )
+        found = _COMPILED[key] = (statement, str(compiled), dict(compiled.params), json)
+    return found[1], found[2], found[3]
 
 
 def describe(exc: SQLAlchemyError) -> str:
@@ -223,7 +243,8 @@ def insert_statement(dialect: str, table: Table) -> postgresql.Insert:
 def upsert(dialect: str, table: Table, keys: tuple[str, ...], fields: tuple[str, ...]) -> Insert:
     """Insert a row from bound parameters named after its columns, or update its fields."""
     statement = insert_statement(dialect, table).values(
-        {name: bindparam(name) for name in keys + fields}
+        # Typed as their columns, so that JSON values are serialised as such.
+        {name: bindparam(name, type_=table.c[name].type) for name in keys + fields}
     )
     return statement.on_conflict_do_update(
         index_elements=[table.c[key] for key in keys],

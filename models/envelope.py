@@ -34,6 +34,9 @@ class EventHeader:
     type: str
     created_time: datetime | None
     live_mode: bool | None
+    # The order (or invoice) the event names, as far as its envelope shows: its object's
+    # orderId or invoiceId, else the id of an order.* event's object (an Order).
+    order_id: str | None = None
 
 
 class UnusableEnvelope(InvalidEvent):
@@ -84,4 +87,20 @@ def header_of(data: Any) -> EventHeader:
         type=event_type,
         created_time=created,
         live_mode=live if isinstance(live, bool) else None,
+        order_id=_named_order(event_type, data.get("data")),
     )
+
+
+def _named_order(event_type: str, data: Any) -> str | None:
+    obj = data.get("object") if isinstance(data, dict) else None
+    if not isinstance(obj, dict):
+        return None
+    for key in ("orderId", "invoiceId"):
+        named = usable_text(obj.get(key))
+        if named is not None:
+            return named
+    # An order.* event's object is the Order, but for order.charge.* a Charge (whose id is
+    # the charge's) unless it holds payment.charges (an Order, as DR has published).
+    if event_type.startswith("order.charge.") and "payment" not in obj:
+        return None
+    return usable_text(obj.get("id")) if event_type.startswith("order.") else None

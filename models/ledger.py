@@ -96,6 +96,7 @@ def _record_statement(dialect: str) -> Insert:
         running_message=bindparam("starting", type_=Text),
         received_at=bindparam("received_at"),
         source=bindparam("source"),
+        order_id=bindparam("order_id", type_=Text),
     )
     # A copy whose type differs reuses another event's id: it is not that event and must
     # not count as a delivery or an attempt of it.
@@ -163,7 +164,10 @@ def _statements_for(dialect: str) -> _Statements:
         .values(
             outcome=bindparam("new_outcome"),
             error=bindparam("new_error"),
-            order_id=bindparam("new_order_id"),
+            # The order the rules applied the event to, else the one it names.
+            order_id=func.coalesce(
+                bindparam("new_order_id", type_=Text), webhook_events.c.order_id
+            ),
             processed_at=bindparam("processed_at"),
             running_message=None,
         ),
@@ -226,6 +230,7 @@ def record_params(
         "payload": raw,
         "received_at": received_at,
         "source": source,
+        "order_id": header.order_id,
         "marker": f" {message} ",
         "starting": message if start else None,
         "dead": message if redelivered else None,
@@ -319,6 +324,30 @@ def stored_events(conn: Connection, ids: list[str]) -> list[StoredEvent]:
     return [rows[event_id] for event_id in ids if event_id in rows]
 
 
+def applied_events_of(conn: Connection, order_ids: Sequence[str]) -> list[tuple[str, str]]:
+    """(order id, payload) of every event applied to these orders, or found stale: the set
+    of distinct events an order's state is a function of."""
+    query = select(webhook_events.c.order_id, cast(webhook_events.c.payload, Text)).where(
+        webhook_events.c.order_id.in_(list(order_ids)),
+        webhook_events.c.outcome.in_([Outcome.APPLIED.value, Outcome.STALE.value]),
+    )
+    return [(row[0], row[1]) for row in conn.execute(query)]
+
+
+def ignored_events(conn: Connection, types: Sequence[str], limit: int) -> list[StoredEvent]:
+    """Events of these types recorded as ignored, oldest first."""
+    query = (
+        select(*_STORED_COLUMNS)
+        .where(
+            webhook_events.c.outcome == Outcome.IGNORED.value,
+            webhook_events.c.type.in_(list(types)),
+        )
+        .order_by(webhook_events.c.received_at, webhook_events.c.id)
+        .limit(limit)
+    )
+    return [_stored(row) for row in conn.execute(query)]
+
+
 def failed_events(conn: Connection, limit: int) -> list[StoredEvent]:
     """Failed events, oldest first (the order they are replayed in)."""
     query = (
@@ -401,6 +430,8 @@ class Listed(Protocol):
     @property
     def live_mode(self) -> bool | None: ...
     @property
+    def order_id(self) -> str | None: ...
+    @property
     def body(self) -> str: ...
 
 
@@ -429,6 +460,7 @@ def record_listed(conn: Connection, events: Sequence[Listed], now: datetime) -> 
             "attempts": 0,
             "received_at": now,
             "source": "reconcile",
+            "order_id": event.order_id,
         }
         for event in events
     ]

@@ -22,7 +22,8 @@ def check_currency(code: str) -> str:
 
 def to_minor_unit(amount: Decimal, currency: str) -> Decimal:
     """Round to the currency's minor unit (cents for USD, none for JPY)."""
-    if not amount.is_finite() or abs(amount) >= MAX_AMOUNT:
+    # copy_abs, not abs(): abs() rounds to the context, and 1e999999999 overflows it.
+    if not amount.is_finite() or amount.copy_abs() >= MAX_AMOUNT:
         raise InvalidEvent(f"amount {str(amount)[:32]} is out of range")
     exponent = Decimal(1).scaleb(-get_currency_precision(currency))
     try:

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from sqlalchemy import (
     CompoundSelect,
     Connection,
+    Engine,
     Insert,
     Select,
     Table,
@@ -28,14 +29,18 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql
 
-from models.db import insert_statement, query_all, upsert
+from models.db import autocommit, insert_statement, query_all, upsert
 from models.payloads import EntryState, RefundState
+from models.rules import (
+    PENDING_STATES as PENDING_REFUND_STATES,
+)
 from models.rules import (
     Change,
     ChargebackRow,
     ChargeRefundRow,
     EventRef,
     Figure,
+    Note,
     OrderState,
     RefundRow,
 )
@@ -48,7 +53,9 @@ V = TypeVar("V")
 def _lock_order_statement(dialect: str) -> Insert:
     # One statement creates the order if needed, locks its row and returns it: an upsert
     # that changes nothing still takes the row lock a concurrent event for the order waits on.
-    statement = insert_statement(dialect, orders).values(id=bindparam("order_id"))
+    statement = insert_statement(dialect, orders).values(
+        id=bindparam("order_id"), kind=bindparam("kind")
+    )
     return statement.on_conflict_do_update(
         index_elements=[orders.c.id], set_={"id": statement.excluded.id}
     ).returning(*orders.c)
@@ -57,8 +64,17 @@ def _lock_order_statement(dialect: str) -> Insert:
 def _lock_orders_statement() -> Insert:
     # Several orders at once (Postgres only), created if needed and locked in the order of
     # their ids: transactions that lock orders this way never wait on each other in a cycle.
-    ids = func.unnest(bindparam("order_ids", type_=postgresql.ARRAY(Text))).label("id")
-    statement = postgresql.insert(orders).from_select(["id"], select(ids).order_by(ids))
+    keys = (
+        func.unnest(
+            bindparam("order_ids", type_=postgresql.ARRAY(Text)),
+            bindparam("kinds", type_=postgresql.ARRAY(Text)),
+        )
+        .table_valued("id", "kind")
+        .render_derived()
+    )
+    statement = postgresql.insert(orders).from_select(
+        ["id", "kind"], select(keys.c.id, keys.c.kind).order_by(keys.c.id)
+    )
     return statement.on_conflict_do_update(
         index_elements=[orders.c.id], set_={"id": statement.excluded.id}
     ).returning(*orders.c)
@@ -78,6 +94,12 @@ _CHILD_COLUMNS = (
     "type",
     "last_event_id",
     "last_event_time",
+    "items",
+    "metadata",
+    "expires_time",
+    "token_information",
+    "failure_code",
+    "failure_message",
 )
 
 
@@ -101,7 +123,8 @@ def _children_statement(*, many: bool = False) -> CompoundSelect[Any]:
     )
 
 
-_FIGURES = ("dr_refunded", "dr_available", "dr_total")
+_FIGURES = ("dr_refunded", "dr_available", "dr_total", "dr_captured")
+_NOTES = ("upstream_id", "order_state", "dispute_status")
 _REFUND_FIELDS = (
     "state",
     "amount",
@@ -111,8 +134,22 @@ _REFUND_FIELDS = (
     "created_time",
     "last_event_id",
     "last_event_time",
+    "type",
+    "items",
+    "metadata",
+    "expires_time",
+    "token_information",
 )
-_ENTRY_FIELDS = ("entry_id", "created_time", "amount", "state", "last_event_id", "last_event_time")
+_ENTRY_FIELDS = (
+    "entry_id",
+    "created_time",
+    "amount",
+    "state",
+    "last_event_id",
+    "last_event_time",
+    "failure_code",
+    "failure_message",
+)
 _CHARGEBACK_FIELDS = ("type", "amount", "last_event_id", "last_event_time")
 _HISTORY_FIELDS = ("order_id", "event_id", "entity", "entity_id", "from_state", "to_state")
 
@@ -145,6 +182,7 @@ def statements(conn: Connection) -> _Statements:
 @cache
 def _statements_for(dialect: str) -> _Statements:
     figure_columns = [f"{prefix}_{part}" for prefix in _FIGURES for part in _FIGURE_PARTS]
+    figure_columns += [f"{note}{part}" for note in _NOTES for part in _NOTE_PARTS]
     return _Statements(
         lock_order=_lock_order_statement(dialect),
         lock_existing_order=select(orders)
@@ -158,7 +196,7 @@ def _statements_for(dialect: str) -> _Statements:
         .values(
             {
                 name: bindparam(f"new_{name}")
-                for name in ("currency", "chargeback_event_id", "chargeback_event_time")
+                for name in ("currency", "chargeback_event_id", "chargeback_event_time", "version")
             }
             | {name: bindparam(f"new_{name}") for name in figure_columns}
             | {"updated_at": func.now()}
@@ -172,13 +210,18 @@ def _statements_for(dialect: str) -> _Statements:
     )
 
 
-def lock_orders(conn: Connection, order_ids: list[str]) -> dict[str, OrderState]:
-    """Create the orders that do not exist, lock all of them in the order of their ids, and
-    load their states, in one round trip; Postgres only."""
+def lock_orders(conn: Connection, kinds: Mapping[str, str]) -> dict[str, OrderState]:
+    """Create the orders that do not exist (`kinds`: each id's kind), lock all of them in
+    the order of their ids, and load their states, in one round trip; Postgres only."""
     prebuilt = statements(conn)
-    key = {"order_ids": sorted(order_ids)}
+    ids = sorted(kinds)
+    key = {"order_ids": ids}
     order_rows, child_rows = query_all(
-        conn, [(prebuilt.lock_orders, key), (prebuilt.children_of_orders, key)]
+        conn,
+        [
+            (prebuilt.lock_orders, {**key, "kinds": [kinds[i] for i in ids]}),
+            (prebuilt.children_of_orders, key),
+        ],
     )
     children: dict[str, list[Any]] = {}
     for child in child_rows:
@@ -186,10 +229,61 @@ def lock_orders(conn: Connection, order_ids: list[str]) -> dict[str, OrderState]
     return {row.id: state_of(row, children.get(row.id, ())) for row in order_rows}
 
 
-def lock_order(conn: Connection, order_id: str) -> OrderState:
-    """Create the order row if needed, lock it, and load its state."""
-    row = conn.execute(statements(conn).lock_order, {"order_id": order_id}).one()
+def lock_existing(conn: Connection, after: str, limit: int) -> list[OrderState]:
+    """Lock and load up to `limit` orders (and invoices) whose ids follow `after`, by id."""
+    query = (
+        select(orders).where(orders.c.id > after).order_by(orders.c.id).limit(limit)
+    ).with_for_update()
+    rows = conn.execute(query).all()
+    if conn.dialect.name != "postgresql":
+        return [_load(conn, row) for row in rows]
+    # Their children in one query (Postgres: an array parameter).
+    children: dict[str, list[Any]] = {row.id: [] for row in rows}
+    found = conn.execute(statements(conn).children_of_orders, {"order_ids": list(children)})
+    for child in found:
+        children[child.order_id].append(child)
+    return [state_of(row, children[row.id]) for row in rows]
+
+
+def lock_order(conn: Connection, order_id: str, kind: str = "order") -> OrderState:
+    """Create the order row (of `kind`) if needed, lock it, and load its state."""
+    row = conn.execute(statements(conn).lock_order, {"order_id": order_id, "kind": kind}).one()
     return _load(conn, row)
+
+
+def pending_refunds(
+    conn: Connection, *, older_than: datetime, limit: int
+) -> list[tuple[str, str, str]]:
+    """Refunds still pending (or pending_information) that were created before `older_than`
+    and not asked about since: (order id, refund id, state), the least recently asked first.
+    A refund without a createdTime counts from the event that last changed it."""
+    created = func.coalesce(refunds.c.created_time, refunds.c.last_event_time)
+    query = (
+        select(refunds.c.order_id, refunds.c.id, refunds.c.state)
+        .where(
+            refunds.c.state.in_([s.value for s in PENDING_REFUND_STATES]),
+            created < older_than,
+            (refunds.c.checked_at.is_(None)) | (refunds.c.checked_at < older_than),
+        )
+        .order_by(refunds.c.checked_at.nulls_first(), refunds.c.order_id, refunds.c.id)
+        .limit(limit)
+    )
+    return [(row.order_id, row.id, row.state) for row in conn.execute(query)]
+
+
+def mark_checked(engine: Engine, keys: Iterable[tuple[str, str]], at: datetime) -> None:
+    """Note that DR was asked about these refunds (order id, refund id) at `at`.
+
+    One row per statement, each committed on its own: a statement that held several refund
+    rows at once could deadlock with workers, which lock an order before its refunds."""
+    statement = (
+        refunds.update()
+        .where(refunds.c.order_id == bindparam("key_order"), refunds.c.id == bindparam("key_id"))
+        .values(checked_at=bindparam("at"))
+    )
+    with autocommit(engine) as conn:
+        for order_id, refund_id in keys:
+            conn.execute(statement, {"key_order": order_id, "key_id": refund_id, "at": at})
 
 
 def changed_since(conn: Connection, since: datetime, limit: int) -> list[str]:
@@ -203,15 +297,29 @@ def changed_since(conn: Connection, since: datetime, limit: int) -> list[str]:
     return list(conn.execute(query).scalars())
 
 
-def load_order(conn: Connection, order_id: str) -> tuple[OrderState, datetime] | None:
-    """The order's state and last update, without locking; None if unknown."""
-    row = conn.execute(select(orders).where(orders.c.id == order_id)).one_or_none()
+def load_order(
+    conn: Connection, order_id: str, kind: str = "order"
+) -> tuple[OrderState, datetime] | None:
+    """The order's (or invoice's) state and last update, without locking; None if unknown."""
+    query = select(orders).where(orders.c.id == order_id, orders.c.kind == kind)
+    row = conn.execute(query).one_or_none()
     if row is None:
         return None
     return _load(conn, row), row.updated_at
 
 
+def orders_of_upstream(conn: Connection, upstream_id: str) -> list[tuple[OrderState, datetime]]:
+    """The orders whose newest Order names `upstream_id`, by order id."""
+    query = (
+        select(orders)
+        .where(orders.c.upstream_id == upstream_id, orders.c.kind == "order")
+        .order_by(orders.c.id)
+    )
+    return [(_load(conn, row), row.updated_at) for row in conn.execute(query).all()]
+
+
 _FIGURE_PARTS = ("amount", "event_id", "event_time")
+_NOTE_PARTS = ("", "_event_id", "_event_time")
 
 
 def _figure(row: Any, prefix: str) -> Figure | None:
@@ -220,6 +328,15 @@ def _figure(row: Any, prefix: str) -> Figure | None:
         return None
     return Figure(
         value, EventRef(getattr(row, f"{prefix}_event_time"), getattr(row, f"{prefix}_event_id"))
+    )
+
+
+def _note(row: Any, name: str) -> Note | None:
+    value = getattr(row, name)
+    if value is None:
+        return None
+    return Note(
+        value, EventRef(getattr(row, f"{name}_event_time"), getattr(row, f"{name}_event_id"))
     )
 
 
@@ -235,6 +352,7 @@ def state_of(row: Any, children: Iterable[Any]) -> OrderState:
     refund_rows, entry_rows, chargeback_rows = rows["refund"], rows["entry"], rows["chargeback"]
     return OrderState(
         order_id=row.id,
+        kind=row.kind,
         currency=row.currency,
         refunds={
             r.id: RefundRow(
@@ -246,6 +364,11 @@ def state_of(row: Any, children: Iterable[Any]) -> OrderState:
                 failure_reason=r.failure_reason,
                 created_time=r.created_time,
                 event=EventRef(r.last_event_time, r.last_event_id),
+                type=r.type,
+                items=tuple(r.items or ()),
+                metadata=r.metadata or {},
+                expires_time=r.expires_time,
+                token_information=r.token_information,
             )
             for r in refund_rows
         },
@@ -258,6 +381,8 @@ def state_of(row: Any, children: Iterable[Any]) -> OrderState:
                 amount=e.amount,
                 state=EntryState(e.state),
                 event=EventRef(e.last_event_time, e.last_event_id),
+                failure_code=e.failure_code,
+                failure_message=e.failure_message,
             )
             for e in entry_rows
         },
@@ -278,6 +403,11 @@ def state_of(row: Any, children: Iterable[Any]) -> OrderState:
         dr_refunded=_figure(row, "dr_refunded"),
         dr_available=_figure(row, "dr_available"),
         dr_total=_figure(row, "dr_total"),
+        dr_captured=_figure(row, "dr_captured"),
+        upstream_id=_note(row, "upstream_id"),
+        order_state=_note(row, "order_state"),
+        dispute_status=_note(row, "dispute_status"),
+        version=row.version,
     )
 
 
@@ -286,6 +416,14 @@ def _figure_values(prefix: str, figure: Figure | None) -> dict[str, Any]:
         f"new_{prefix}_amount": figure.value if figure else None,
         f"new_{prefix}_event_id": figure.event.id if figure else None,
         f"new_{prefix}_event_time": figure.event.time if figure else None,
+    }
+
+
+def _note_values(name: str, note: Note | None) -> dict[str, Any]:
+    return {
+        f"new_{name}": note.value if note else None,
+        f"new_{name}_event_id": note.event.id if note else None,
+        f"new_{name}_event_time": note.event.time if note else None,
     }
 
 
@@ -328,6 +466,11 @@ def order_writes(
         **_figure_values("dr_refunded", after.dr_refunded),
         **_figure_values("dr_available", after.dr_available),
         **_figure_values("dr_total", after.dr_total),
+        **_figure_values("dr_captured", after.dr_captured),
+        **_note_values("upstream_id", after.upstream_id),
+        **_note_values("order_state", after.order_state),
+        **_note_values("dispute_status", after.dispute_status),
+        "new_version": after.version,
     }
     refund_rows = [
         {
@@ -340,6 +483,11 @@ def order_writes(
             "failure_reason": refund.failure_reason,
             "created_time": refund.created_time,
             **_last_event(refund.event),
+            "type": refund.type,
+            "items": list(refund.items),
+            "metadata": refund.metadata,
+            "expires_time": refund.expires_time,
+            "token_information": refund.token_information,
         }
         for refund in _changed(before.refunds, after.refunds)
     ]
@@ -353,6 +501,8 @@ def order_writes(
             "amount": entry.amount,
             "state": entry.state.value,
             **_last_event(entry.event),
+            "failure_code": entry.failure_code,
+            "failure_message": entry.failure_message,
         }
         for entry in _changed(before.charge_refunds, after.charge_refunds)
     ]

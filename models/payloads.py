@@ -94,11 +94,69 @@ def _round(value: Decimal | None, currency: str) -> Decimal | None:
     return None if value is None else to_minor_unit(value, currency)
 
 
+def _text(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
+
+
+Text = Annotated[str, StringConstraints(max_length=1000)]
+MAX_QUANTITY = 1_000_000_000
+Label = Annotated[str, StringConstraints(max_length=64)]
+
+
 class RefundItem(_DRModel):
     """One line of an item-level refund."""
 
+    itemId: Id | None = None
+    skuId: Id | None = None
+    # A Decimal until checked: int() of a number like 1e999999999 would take minutes.
+    quantity: Amount | None = None
     amount: Amount | None = None
+    percent: Amount | None = None
     refundedAmount: Amount | None = None
+    type: Label | None = None
+
+    def rounded(self, currency: str) -> RefundItem:
+        """The item with its amounts in the currency's minor unit; raises InvalidEvent for
+        a negative quantity or amount, or a percent outside 0-100."""
+        if self.quantity is not None:
+            if self.quantity < 0:
+                raise InvalidEvent(f"refund item quantity {str(self.quantity)[:32]} is negative")
+            if self.quantity > MAX_QUANTITY or self.quantity != self.quantity.to_integral_value():
+                raise InvalidEvent(
+                    f"refund item quantity {str(self.quantity)[:32]} is not a whole number"
+                    f" up to {MAX_QUANTITY}"
+                )
+        if self.percent is not None and not 0 <= self.percent <= 100:
+            raise InvalidEvent(f"refund item percent {str(self.percent)[:32]} is not 0-100")
+        amount = _round(self.amount, currency)
+        refunded = _round(self.refundedAmount, currency)
+        for value in (amount, refunded):
+            if value is not None and value < 0:
+                raise InvalidEvent(f"refund item amount {value} is negative")
+        return self.model_copy(update={"amount": amount, "refundedAmount": refunded})
+
+    def view(self) -> dict[str, Any]:
+        """The item as the summary shows it (amounts as decimal strings)."""
+        return {
+            "itemId": self.itemId,
+            "skuId": self.skuId,
+            "quantity": None if self.quantity is None else int(self.quantity),
+            "amount": _text(self.amount),
+            "refundedAmount": _text(self.refundedAmount),
+            "percent": _text(self.percent),
+            "type": self.type,
+        }
+
+
+class TokenInformation(_DRModel):
+    """What a customer needs to finish a `pending_information` refund."""
+
+    # DR documents no length; a refund that cannot keep its token could not be finished.
+    token: Annotated[str, StringConstraints(max_length=4096)] | None = None
+    expiresTime: Instant | None = None
+
+    def view(self) -> dict[str, Any]:
+        return {"token": self.token, "expiresTime": iso(self.expiresTime)}
 
 
 class Refund(_DRModel):
@@ -106,27 +164,25 @@ class Refund(_DRModel):
 
     id: Id
     orderId: Id | None = None
-    invoiceId: str | None = None
+    invoiceId: Id | None = None
     currency: str
     state: RefundState
+    type: Label | None = None
     amount: Amount | None = None
     refundedAmount: Amount | None = None
     items: list[RefundItem] = Field(default_factory=list)
-    reason: Annotated[str, StringConstraints(max_length=1000)] | None = None
-    failureReason: Annotated[str, StringConstraints(max_length=1000)] | None = None
+    reason: Text | None = None
+    failureReason: Text | None = None
+    metadata: dict[str, Any] | None = None
+    expiresTime: Instant | None = None
+    tokenInformation: TokenInformation | None = None
     createdTime: Instant | None = None
 
     @model_validator(mode="after")
     def _exact_amounts(self) -> Refund:
         currency = check_currency(self.currency)
-        items = [
-            RefundItem(
-                amount=_round(item.amount, currency),
-                refundedAmount=_round(item.refundedAmount, currency),
-            )
-            for item in self.items
-        ]
-        for value in (self.amount, self.refundedAmount, *(i.amount for i in items)):
+        items = [item.rounded(currency) for item in self.items]
+        for value in (self.amount, self.refundedAmount):
             if value is not None and value < 0:
                 raise InvalidEvent(f"refund amount {value} is negative")
         object.__setattr__(self, "currency", currency)
@@ -159,6 +215,8 @@ class ChargeRefundEntry(_DRModel):
     createdTime: Instant | None = None
     amount: Amount
     state: EntryState
+    failureCode: Text | None = None
+    failureMessage: Text | None = None
 
     @model_validator(mode="after")
     def _identifiable(self) -> ChargeRefundEntry:
@@ -198,7 +256,10 @@ class Order(_DRModel):
 
     id: Id
     currency: str
+    upstreamId: Id | None = None
+    state: Label | None = None
     totalAmount: Amount | None = None
+    capturedAmount: Amount | None = None
     refundedAmount: Amount | None = None
     availableToRefundAmount: Amount | None = None
     payment: Payment | None = None
@@ -207,12 +268,16 @@ class Order(_DRModel):
     def _exact_amounts(self) -> Order:
         currency = check_currency(self.currency)
         object.__setattr__(self, "currency", currency)
-        for name in ("totalAmount", "refundedAmount", "availableToRefundAmount"):
+        for name in ORDER_AMOUNTS:
             value = _round(getattr(self, name), currency)
             if value is not None and value < 0:
                 raise InvalidEvent(f"order {name} {value} is negative")
             object.__setattr__(self, name, value)
         return self
+
+
+# The Order's amounts the summary keeps.
+ORDER_AMOUNTS = ("totalAmount", "capturedAmount", "refundedAmount", "availableToRefundAmount")
 
 
 class SalesTransaction(_DRModel):

@@ -59,9 +59,12 @@ REFUND_EVENTS = frozenset(
 CHARGE_REFUND_EVENTS = frozenset(
     {"order.charge.refund.pending", "order.charge.refund.complete", "order.charge.refund.failed"}
 )
+# What a dispute event says of the order's dispute.
+DISPUTE_EVENTS: Mapping[str, str] = {"order.dispute": "open", "order.dispute.resolved": "resolved"}
 HANDLED_EVENTS = (
     REFUND_EVENTS
     | CHARGE_REFUND_EVENTS
+    | DISPUTE_EVENTS.keys()
     | {
         "order.refunded",
         "order.chargeback",
@@ -80,7 +83,8 @@ class EventRef:
 
 @dataclass(frozen=True)
 class RefundRow:
-    """What we keep of one DR refund."""
+    """What we keep of one DR refund. `items`, `metadata` and `token_information` are
+    plain JSON values, as the summary shows them."""
 
     id: str
     state: RefundState
@@ -90,6 +94,11 @@ class RefundRow:
     failure_reason: str | None
     created_time: datetime | None
     event: EventRef
+    type: str | None = None
+    items: tuple[dict[str, Any], ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+    expires_time: datetime | None = None
+    token_information: dict[str, Any] | None = None
 
     def version(self) -> tuple[int, EventRef]:
         return (REFUND_RANK[self.state], self.event)
@@ -106,6 +115,8 @@ class ChargeRefundRow:
     amount: Decimal
     state: EntryState
     event: EventRef
+    failure_code: str | None = None
+    failure_message: str | None = None
 
     def version(self) -> tuple[int, EventRef]:
         return (ENTRY_RANK[self.state], self.event)
@@ -123,9 +134,18 @@ class ChargebackRow:
 
 @dataclass(frozen=True)
 class Figure:
-    """An order-level figure from DR and the event that carried it."""
+    """An order-level amount from DR and the event that carried it."""
 
     value: Decimal
+    event: EventRef
+
+
+@dataclass(frozen=True)
+class Note:
+    """An order-level word from DR (its upstream id, its state, the dispute's status) and
+    the event that carried it."""
+
+    value: str
     event: EventRef
 
 
@@ -134,6 +154,8 @@ class OrderState:
     """Everything stored for one order, as plain values."""
 
     order_id: str
+    # "order", or "invoice" for the refunds of an invoice (which name no order).
+    kind: str = "order"
     currency: str | None = None
     refunds: Mapping[str, RefundRow] = field(default_factory=dict)
     charge_refunds: Mapping[tuple[str, str], ChargeRefundRow] = field(default_factory=dict)
@@ -142,6 +164,12 @@ class OrderState:
     dr_refunded: Figure | None = None
     dr_available: Figure | None = None
     dr_total: Figure | None = None
+    dr_captured: Figure | None = None
+    upstream_id: Note | None = None
+    order_state: Note | None = None
+    dispute_status: Note | None = None
+    # One more for every event that changed the state (models.summary shows it).
+    version: int = 0
 
 
 @dataclass(frozen=True)
@@ -160,11 +188,13 @@ class Plan:
 
     order_id: str
     currency: str
+    kind: str = "order"
     refund: Refund | None = None
     charges: tuple[Charge, ...] = ()
     order: Order | None = None
     chargeback: bool = False
     sales_transaction: SalesTransaction | None = None
+    dispute: str | None = None
 
 
 @dataclass(frozen=True)
@@ -203,9 +233,13 @@ def interpret(envelope: Envelope, live_mode: LiveMode) -> Plan | Ignore:
     obj = envelope.data.object
     if envelope.type in REFUND_EVENTS:
         refund = parse_object(Refund, obj)
-        if refund.orderId is None:
-            return Ignore("refund belongs to no order (an invoice refund)")
-        return Plan(order_id=refund.orderId, currency=refund.currency, refund=refund)
+        if refund.orderId is not None:
+            return Plan(order_id=refund.orderId, currency=refund.currency, refund=refund)
+        if refund.invoiceId is not None:
+            return Plan(
+                order_id=refund.invoiceId, currency=refund.currency, kind="invoice", refund=refund
+            )
+        raise InvalidEvent("data.object: a Refund needs orderId or invoiceId")
     if envelope.type in CHARGE_REFUND_EVENTS:
         if "payment" in obj:
             order = parse_object(Order, obj)
@@ -235,6 +269,14 @@ def interpret(envelope: Envelope, live_mode: LiveMode) -> Plan | Ignore:
     if envelope.type == "order.refunded":
         order = parse_object(Order, obj)
         return Plan(order_id=order.id, currency=order.currency, order=order)
+    if envelope.type in DISPUTE_EVENTS:
+        order = parse_object(Order, obj)
+        return Plan(
+            order_id=order.id,
+            currency=order.currency,
+            order=order,
+            dispute=DISPUTE_EVENTS[envelope.type],
+        )
     # sales_transaction.created: only chargebacks matter, whatever else the object holds.
     if obj.get("type") not in CHARGEBACK_TYPES:
         kind = obj.get("type")
@@ -246,11 +288,14 @@ def interpret(envelope: Envelope, live_mode: LiveMode) -> Plan | Ignore:
 
 def apply(state: OrderState, event: EventRef, plan: Plan) -> Decision:
     """Apply one event's plan to an order's state under the convergence rule."""
+    if state.kind != plan.kind:
+        raise InvalidEvent(f"{plan.order_id} is stored as an {state.kind}, not an {plan.kind}")
     if state.currency is not None and state.currency != plan.currency:
         raise InvalidEvent(
             f"event currency {plan.currency} differs from order currency {state.currency}"
         )
     changes: list[Change] = []
+    unchanged = state
     state = replace(state, currency=plan.currency)
     if plan.refund is not None:
         state = _apply_refund(state, event, plan.refund, changes)
@@ -262,12 +307,16 @@ def apply(state: OrderState, event: EventRef, plan: Plan) -> Decision:
     if plan.chargeback and (state.chargeback_event is None or event < state.chargeback_event):
         # The earliest order.chargeback is kept so the stored event does not depend on
         # arrival order; the status itself never reverts.
-        before = "charged_back" if state.chargeback_event else "none"
+        was = "charged_back" if state.chargeback_event else "none"
         state = replace(state, chargeback_event=event)
-        changes.append(Change("order", state.order_id, before, "charged_back"))
+        changes.append(Change("order", state.order_id, was, "charged_back"))
     if plan.sales_transaction is not None:
         state = _apply_chargeback(state, event, plan.sales_transaction, changes)
-    return Decision(state, tuple(changes))
+    if plan.dispute is not None:
+        state = _apply_note(state, "dispute_status", event, plan.dispute, changes)
+    if not changes:
+        return Decision(unchanged, ())
+    return Decision(replace(state, version=state.version + 1), tuple(changes))
 
 
 def _apply_refund(
@@ -281,6 +330,7 @@ def _apply_refund(
         refunded = requested
     else:
         refunded = Decimal(0)
+    token = refund.tokenInformation
     row = RefundRow(
         id=refund.id,
         state=refund.state,
@@ -290,6 +340,11 @@ def _apply_refund(
         failure_reason=refund.failureReason,
         created_time=as_utc(refund.createdTime) if refund.createdTime else None,
         event=event,
+        type=refund.type,
+        items=tuple(item.view() for item in refund.items),
+        metadata=plain(refund.metadata or {}),
+        expires_time=refund.expiresTime,
+        token_information=token.view() if token else None,
     )
     if stored is not None and row.version() <= stored.version():
         return state
@@ -320,6 +375,8 @@ def _apply_entry(
         amount=entry.amount,
         state=entry.state,
         event=event,
+        failure_code=entry.failureCode,
+        failure_message=entry.failureMessage,
     )
     if stored is not None and row.version() <= stored.version():
         return state
@@ -333,7 +390,9 @@ _FIGURES = (
     ("dr_refunded", "refundedAmount"),
     ("dr_available", "availableToRefundAmount"),
     ("dr_total", "totalAmount"),
+    ("dr_captured", "capturedAmount"),
 )
+_NOTES = (("upstream_id", "upstreamId"), ("order_state", "state"))
 
 
 def _apply_figures(
@@ -354,7 +413,44 @@ def _apply_figures(
                 str(value),
             )
         )
+    for attr, dr_name in _NOTES:
+        text: str | None = getattr(order, dr_name)
+        if text is not None:
+            state = _apply_note(state, attr, event, text, changes)
     return state
+
+
+def _apply_note(
+    state: OrderState, attr: str, event: EventRef, value: str, changes: list[Change]
+) -> OrderState:
+    """Keep `value` as the order's `attr` if `event` is newer than the one it has."""
+    stored: Note | None = getattr(state, attr)
+    if stored is not None and event <= stored.event:
+        return state
+    updates: dict[str, Any] = {attr: Note(value, event)}
+    changes.append(Change("order_" + attr, state.order_id, stored.value if stored else None, value))
+    return replace(state, **updates)
+
+
+def plain(value: Any) -> Any:
+    """A parsed JSON value with its exact decimals made plain numbers, as JSON columns
+    store them (metadata is the merchant's own key/value data, not money)."""
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    if isinstance(value, Decimal):
+        # Checked first: int() of 1e999999999 would take minutes, float() of 1e400 is inf.
+        if not value.copy_abs() < _PLAIN_LIMIT:
+            raise InvalidEvent(f"metadata number {str(value)[:32]} is out of range")
+        if value.copy_abs() < _INT_LIMIT and value == value.to_integral_value():
+            return int(value)
+        return float(value)
+    return value
+
+
+_PLAIN_LIMIT = Decimal("1e300")
+_INT_LIMIT = Decimal(10**18)
 
 
 def _apply_chargeback(

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     reconcile_overlap_seconds: int = Field(
         default=3600, ge=0, alias="REFUNDSYNC_RECONCILE_OVERLAP_SECONDS"
     )
+    pending_check_seconds: int = Field(
+        default=86_400, ge=1, alias="REFUNDSYNC_PENDING_CHECK_SECONDS"
+    )
 
     @field_validator("dr_webhook_secrets", mode="before")
     @classmethod

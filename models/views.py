@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
-from models.orders import load_order
+from models.orders import load_order, orders_of_upstream
 from models.payloads import iso
 from models.summary import summarize
 from models.tables import webhook_events
@@ -19,11 +19,23 @@ def order_summary(conn: Connection, order_id: str) -> dict[str, Any] | None:
     return None if loaded is None else summarize(*loaded)
 
 
+def invoice_summary(conn: Connection, invoice_id: str) -> dict[str, Any] | None:
+    """The refund summary of an invoice's refunds, or None for an unknown invoice."""
+    loaded = load_order(conn, invoice_id, "invoice")
+    return None if loaded is None else summarize(*loaded)
+
+
+def upstream_summaries(conn: Connection, upstream_id: str) -> list[dict[str, Any]]:
+    """The summaries of the orders whose merchant order id is `upstream_id`."""
+    return [summarize(*loaded) for loaded in orders_of_upstream(conn, upstream_id)]
+
+
 _RECORD_COLUMNS = (
     webhook_events.c.id,
     webhook_events.c.type,
     webhook_events.c.created_time,
     webhook_events.c.live_mode,
+    webhook_events.c.order_id,
     webhook_events.c.received_at,
     webhook_events.c.processed_at,
     webhook_events.c.outcome,
@@ -39,6 +51,7 @@ def _record(row: Any) -> dict[str, Any]:
         "type": row.type,
         "createdTime": iso(row.created_time),
         "liveMode": row.live_mode,
+        "orderId": row.order_id,
         "receivedAt": iso(row.received_at),
         "processedAt": iso(row.processed_at),
         "outcome": row.outcome,
@@ -56,11 +69,15 @@ def event_record(conn: Connection, event_id: str) -> dict[str, Any] | None:
     return None if row is None else _record(row)
 
 
-def event_records(conn: Connection, *, outcome: str | None, limit: int) -> list[dict[str, Any]]:
-    """Processing records, newest first, optionally of one outcome."""
+def event_records(
+    conn: Connection, *, outcome: str | None, limit: int, order_id: str | None = None
+) -> list[dict[str, Any]]:
+    """Processing records, newest first, optionally of one outcome and of one order."""
     query = select(*_RECORD_COLUMNS).order_by(
         webhook_events.c.received_at.desc(), webhook_events.c.id
     )
     if outcome is not None:
         query = query.where(webhook_events.c.outcome == outcome)
+    if order_id is not None:
+        query = query.where(webhook_events.c.order_id == order_id)
     return [_record(row) for row in conn.execute(query.limit(limit))]

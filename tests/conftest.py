@@ -10,6 +10,7 @@ import pytest
 
 from models.migrate import upgrade
 from tests import support
+from tests.fake_dr import FakeDR
 from tests.support import Stack
 
 # The session stack's process logs, shown only for the tests that use it.
@@ -24,6 +25,16 @@ def database() -> Iterator[support.Database]:
         yield db
     finally:
         db.drop()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeDR]:
+    """A fake of DR's REST API on loopback."""
+    server = FakeDR().start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

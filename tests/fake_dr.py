@@ -1,13 +1,15 @@
 """A fake of DR's REST API for reconciliation tests: a real HTTP server on loopback.
 
-It serves `GET /events` the way DR documents it (`types`, `createdTime[gte|gt|lt|lte]`,
-`limit` 1-100, `startingAfter`, `{"hasMore", "data"}`; newest first, as Stripe-style APIs
-sort) and `GET /orders/{id}`, checks the bearer key, and can be scripted to answer the
-next requests with 429 + `Retry-After`, 500, a slow answer or a malformed page.
+It serves `GET /events` the way DR documents it (`type`: a name or a `*` group; `types`:
+repeated names; `createdTime[gte|gt|lt|lte]`, `limit` 1-100, `startingAfter`,
+`{"hasMore", "data"}`; newest first, as Stripe-style APIs sort), `GET /orders/{id}` and
+`GET /refunds/{id}`, checks the bearer key, and can be scripted to answer the next requests
+with 429 + `Retry-After`, 500, a slow answer or a malformed page.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import threading
 import time
@@ -77,6 +79,8 @@ class FakeDR:
         self.api_key = api_key
         self._events: list[dict[str, Any]] = []
         self.orders: dict[str, dict[str, Any]] = {}
+        # `GET /refunds/{id}` answers these, as DR's Refunds API.
+        self.refunds: dict[str, dict[str, Any]] = {}
         self.requests: list[Seen] = []
         self._script: deque[Answer] = deque()
         self._lock = threading.Lock()
@@ -155,6 +159,11 @@ class FakeDR:
     def _route(self, path: str, query: dict[str, list[str]]) -> tuple[int, bytes]:
         if path == "/events":
             return self._list_events(query)
+        if path.startswith("/refunds/"):
+            refund = self.refunds.get(unquote(path.removeprefix("/refunds/")))
+            if refund is None:
+                return 404, _error("not_found", "refund not found")
+            return 200, json.dumps(refund).encode()
         if path.startswith("/orders/"):
             order = self.orders.get(unquote(path.removeprefix("/orders/")))
             if order is None:
@@ -165,8 +174,11 @@ class FakeDR:
     def _list_events(self, query: dict[str, list[str]]) -> tuple[int, bytes]:
         if "type" in query and "types" in query:
             return 400, _error("invalid_parameter", "send type or types, not both")
-        types = {name for value in query.get("types", []) for name in value.split(",") if name}
-        if len(types) >= 20:
+        # `type`: one name, or a group with `*` as a wildcard. `types`: an array of names,
+        # which the OpenAPI file's `style: form, explode: true` sends as repeated keys; a
+        # comma-joined value is one (unknown) name.
+        patterns = query.get("type", [])[:1] or query.get("types", [])
+        if len(query.get("types", [])) >= 20:
             return 400, _error("invalid_parameter", "types takes fewer than 20 names")
         try:
             limit = int(query.get("limit", ["10"])[0])
@@ -180,7 +192,7 @@ class FakeDR:
             if f"createdTime[{op}]" in query
         }
         with self._lock:
-            events = [e for e in self._events if _matches(e, types, bounds)]
+            events = [e for e in self._events if _matches(e, patterns, bounds)]
         start = 0
         if "startingAfter" in query:
             ids = [event["id"] for event in events]
@@ -193,8 +205,8 @@ class FakeDR:
         return 200, json.dumps(body).encode()
 
 
-def _matches(event: Mapping[str, Any], types: set[str], bounds: Mapping[str, datetime]) -> bool:
-    if types and event["type"] not in types:
+def _matches(event: Mapping[str, Any], patterns: list[str], bounds: Mapping[str, datetime]) -> bool:
+    if patterns and not any(fnmatch.fnmatchcase(event["type"], p) for p in patterns):
         return False
     created = _instant(event["createdTime"])
     checks = {

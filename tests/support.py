@@ -31,7 +31,7 @@ from sqlalchemy import Engine, text
 from models import trust
 from models.db import make_engine
 from models.signature import sign
-from tests import deadlines
+from tests import deadlines, eventgen
 from worker.queue.keys import QueueKeys
 
 SECRET = "whsec_test_primary"
@@ -264,6 +264,19 @@ def start_worker(env: Mapping[str, str], name: str, concurrency: int = 1, *extra
         process.stop()
         raise
     return process
+
+
+def run_cli(env: Mapping[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`refundsync ARGS` in a process of its own, from this checkout, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+    )
 
 
 def python_json(code: str, env: Mapping[str, str]) -> Any:
@@ -508,11 +521,12 @@ def tally(engine: Engine, ids: list[str]) -> Tally:
 
 
 def summaries(engine: Engine, order_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The stored orders' summaries, without what depends on arrival (eventgen.comparable)."""
     from models.views import order_summary
 
     with engine.connect() as conn:
         found = {order_id: order_summary(conn, order_id) for order_id in order_ids}
-    return {k: {f: v for f, v in s.items() if f != "updatedAt"} for k, s in found.items() if s}
+    return {k: eventgen.comparable(s) for k, s in found.items() if s}
 
 
 @dataclass

@@ -34,7 +34,7 @@ from worker.policy import (
     VISIBILITY_TIMEOUT_S,
 )
 from worker.queue import redis_transport, sqlite_transport
-from worker.queue.contract import RECONCILE_TASK, SWEEP_TASK
+from worker.queue.contract import PENDING_CHECK_TASK, RECONCILE_TASK, SWEEP_TASK
 
 REDIS_TRANSPORT_OPTIONS = {
     "visibility_timeout": VISIBILITY_TIMEOUT_S,
@@ -115,6 +115,13 @@ def create_app(settings: Settings) -> Celery:
             "task": RECONCILE_TASK,
             "schedule": float(settings.reconcile_interval_seconds),
             "options": {"expires": float(settings.reconcile_interval_seconds)},
+        }
+        # At most hourly: each refund is asked about once per REFUNDSYNC_PENDING_CHECK_SECONDS.
+        every = float(min(settings.pending_check_seconds, 3600))
+        app.conf.beat_schedule["check-pending-refunds"] = {
+            "task": PENDING_CHECK_TASK,
+            "schedule": every,
+            "options": {"expires": every},
         }
 
     global _hooked

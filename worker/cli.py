@@ -18,7 +18,7 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from models import ledger, logs, trust, views
+from models import ledger, logs, rebuild, trust, views
 from models.db import describe, make_engine, transaction
 from models.errors import ConfigError, RefundSyncError
 from models.payloads import iso
@@ -282,10 +282,52 @@ def order() -> None:
 @order.command("show", help="Print an order's refund summary as JSON.")
 @click.argument("order_id")
 def order_show(order_id: str) -> None:
-    summary = _read(views.order_summary, order_id)
+    _show(views.order_summary, order_id, "order")
+
+
+def _show(view: Any, key: str, kind: str) -> None:
+    summary = _read(view, key)
     if summary is None:
-        _fail(f"order {order_id} not found")
+        _fail(f"{kind} {key} not found")
     _print_json(summary)
+
+
+@order.command(
+    "rebuild",
+    help="Recompute every order's summary from its applied events (after an upgrade that "
+    "keeps more of them, e.g. contract v2); safe to run while workers apply events.",
+)
+@click.option(
+    "--batch",
+    default=rebuild.BATCH,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="Orders recomputed per transaction (locked meanwhile).",
+)
+def order_rebuild(batch: int) -> None:
+    from worker import processing
+
+    settings = _settings("DATABASE_URL")
+    try:
+        done = rebuild.rebuild_all(processing.engine(settings), settings.dr_live_mode, batch)
+    except (SQLAlchemyError, RefundSyncError) as exc:
+        reason = describe(exc) if isinstance(exc, SQLAlchemyError) else str(exc)
+        _fail(f"rebuild stopped: {reason}; the batches done are kept, run it again")
+    click.echo(
+        f"rebuild: orders={done.orders} events={done.events} changed={done.changed}"
+        f" seconds={done.seconds:.1f}"
+    )
+
+
+@main.group(help="Look at one invoice's refunds (refunds that name an invoice, no order).")
+def invoice() -> None:
+    pass
+
+
+@invoice.command("show", help="Print an invoice's refund summary as JSON.")
+@click.argument("invoice_id")
+def invoice_show(invoice_id: str) -> None:
+    _show(views.invoice_summary, invoice_id, "invoice")
 
 
 @main.group(help="Look at processed events.")
@@ -317,16 +359,35 @@ def events_refused(limit: int) -> None:
     _print_json(_read(trust.refusals, limit))
 
 
-@events.command("replay", help="Publish stored events again: the given ids, or every failed one.")
+@events.command(
+    "replay",
+    help="Publish stored events again: the given ids, every failed one, or the ignored ones "
+    "of some types (after an upgrade that handles them).",
+)
 @click.argument("event_ids", nargs=-1)
 @click.option("--failed", "all_failed", is_flag=True, help="Replay every failed event.")
+@click.option(
+    "--ignored",
+    "ignored_types",
+    multiple=True,
+    metavar="TYPE",
+    help="Replay the events of this type recorded as ignored (repeatable).",
+)
 @click.option("--dry-run", is_flag=True, help="Print what each would change; touch nothing.")
 @click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 100_000))
-def events_replay(event_ids: tuple[str, ...], all_failed: bool, dry_run: bool, limit: int) -> None:
-    if bool(event_ids) == all_failed:
-        raise click.UsageError("give event ids or --failed (one of the two)")
+def events_replay(
+    event_ids: tuple[str, ...],
+    all_failed: bool,
+    ignored_types: tuple[str, ...],
+    dry_run: bool,
+    limit: int,
+) -> None:
+    if [bool(event_ids), all_failed, bool(ignored_types)].count(True) != 1:
+        raise click.UsageError("give event ids, --failed or --ignored (one of the three)")
     if all_failed:
         found = _read(ledger.failed_events, limit)
+    elif ignored_types:
+        found = _read(ledger.ignored_events, list(ignored_types), limit)
     else:
         found = _read(ledger.stored_events, list(event_ids))
     missing = sorted(set(event_ids) - {event.id for event in found})
@@ -437,6 +498,12 @@ def _instant(_: click.Context, param: click.Parameter, value: str | None) -> dat
 )
 @click.option("--dry-run", is_flag=True, help="List and decide; record, publish, move nothing.")
 @click.option(
+    "--check-pending",
+    is_flag=True,
+    help="Fetch from DR's Refunds API the refunds pending longer than "
+    "REFUNDSYNC_PENDING_CHECK_SECONDS, and publish those whose state changed.",
+)
+@click.option(
     "--check-orders",
     is_flag=True,
     help="Compare refundedAmount of recently changed orders with DR's GET /orders/{id}; "
@@ -458,12 +525,15 @@ def _instant(_: click.Context, param: click.Parameter, value: str | None) -> dat
 def reconcile(
     since: datetime | None,
     dry_run: bool,
+    check_pending: bool,
     check_orders: bool,
     limit: int,
     metrics_file: Path | None,
 ) -> None:
     if check_orders and dry_run:
         raise click.UsageError("--check-orders only reads; --dry-run does not apply to it")
+    if check_pending and (check_orders or dry_run or since is not None):
+        raise click.UsageError("--check-pending goes alone")
     if metrics_file is not None and not check_orders:
         raise click.UsageError("--metrics-file goes with --check-orders")
     settings = (
@@ -473,7 +543,9 @@ def reconcile(
     )
     if settings.dr_api_key is None:
         _fail("reconciliation is off: DR_API_KEY is not set (see docs/reconciliation.md)")
-    if check_orders:
+    if check_pending:
+        _check_pending(settings)
+    elif check_orders:
         _check_orders(settings, since, limit, metrics_file)
     else:
         _reconcile_events(settings, since, dry_run)
@@ -524,6 +596,27 @@ def _checkpoint_note(engine: Any) -> str:
     except SQLAlchemyError:
         return "the checkpoint did not move past the failure"
     return f"checkpoint stays at {_iso(position) or 'none'}"
+
+
+def _check_pending(settings: Settings) -> None:
+    from worker import processing
+    from worker.reconcile import pending
+    from worker.reconcile import run as job
+    from worker.reconcile.dr_api import DRApiError
+    from worker.tasks import sender
+
+    try:
+        with job.client_for(settings) as client:
+            summary = pending.check_pending(
+                settings, processing.engine(settings), client, sender(pending.SOURCE)
+            )
+    except DRApiError as exc:
+        _fail(f"pending check failed: {exc}")
+    except SQLAlchemyError as exc:
+        _fail(f"pending check failed: database unavailable: {describe(exc)}")
+    except (OperationalError, RedisError, OSError) as exc:
+        _fail(f"pending check failed: broker unreachable ({exc})")
+    click.echo(f"check-pending: {summary.line()}")
 
 
 def _check_orders(

@@ -408,12 +408,12 @@ def _apply_together(db: Engine, settings: Settings, ready: list[_Ready]) -> list
         )
         deliveries = {item.header.id: found for item, found in zip(by_id, recorded, strict=True)}
         verdicts = [_verdict(settings, item.header, deliveries[item.header.id]) for item in ready]
-        order_ids = {
-            item.interpreted[1].order_id
+        kinds = {
+            plan.order_id: plan.kind
             for item, verdict in zip(ready, verdicts, strict=True)
-            if verdict is None and isinstance(item.interpreted[1], Plan)
+            if verdict is None and isinstance(plan := item.interpreted[1], Plan)
         }
-        before = orders.lock_orders(conn, list(order_ids)) if order_ids else {}
+        before = orders.lock_orders(conn, kinds) if kinds else {}
         states = dict(before)
         decided = [
             # Events for one order apply one after the other, each to its predecessor's
@@ -626,7 +626,7 @@ def _decide_and_save(
     plan = interpreted[1] if interpreted is not None else None
     if verdict is None and isinstance(plan, Plan):
         states[plan.order_id] = (
-            state if state is not None else orders.lock_order(conn, plan.order_id)
+            state if state is not None else orders.lock_order(conn, plan.order_id, plan.kind)
         )
     before = dict(states)
     decided = _decide(event_id, verdict, interpreted, states)

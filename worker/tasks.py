@@ -16,8 +16,9 @@ from worker import processing
 from worker.app import app, settings
 from worker.policy import retry_countdown
 from worker.pool import DEFERRED, PrivateRequest
-from worker.queue.contract import APPLY_TASK, RECONCILE_TASK, SWEEP_TASK
+from worker.queue.contract import APPLY_TASK, PENDING_CHECK_TASK, RECONCILE_TASK, SWEEP_TASK
 from worker.queue.republish import Sender
+from worker.reconcile import pending
 from worker.reconcile.run import RECONCILE_SOFT_TIME_LIMIT_S, RECONCILE_TIME_LIMIT_S, run_scheduled
 
 # At most this many stuck events are republished per sweep, so one sweep stays short.
@@ -140,18 +141,27 @@ def sweep_stuck_events() -> int:
     return count
 
 
-@app.task(
-    name=RECONCILE_TASK,
-    ignore_result=True,
-    # Acknowledged on receipt: a run lost with its worker is redone by the next tick, and a
-    # long backfill must not be handed to a second worker when the visibility timeout ends.
-    acks_late=False,
-    soft_time_limit=RECONCILE_SOFT_TIME_LIMIT_S,
-    time_limit=RECONCILE_TIME_LIMIT_S,
-)
+# The options of beat's runs against DR's API. Acknowledged on receipt: a run lost with its
+# worker is redone by the next tick, and a long backfill must not be handed to a second
+# worker when the visibility timeout ends.
+_DR_RUN: dict[str, Any] = {
+    "ignore_result": True,
+    "acks_late": False,
+    "soft_time_limit": RECONCILE_SOFT_TIME_LIMIT_S,
+    "time_limit": RECONCILE_TIME_LIMIT_S,
+}
+
+
+@app.task(name=RECONCILE_TASK, **_DR_RUN)
 def reconcile_events() -> int:
     """Publish events DR's Events API has that were never applied (see worker.reconcile)."""
     return run_scheduled(settings, processing.engine(settings), sender("reconcile"))
+
+
+@app.task(name=PENDING_CHECK_TASK, **_DR_RUN)
+def check_pending_refunds() -> int:
+    """Ask DR about refunds pending too long (see worker.reconcile.pending)."""
+    return pending.run_scheduled(settings, processing.engine(settings), sender(pending.SOURCE))
 
 
 def sender(source: str) -> Sender:

@@ -18,14 +18,7 @@ from tests import support
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     base = support.service_env("", "", DATABASE_URL="", REDIS_URL="", DR_WEBHOOK_SECRETS="")
     base.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        capture_output=True,
-        text=True,
-        env=base,
-        timeout=60,
-        check=False,
-    )
+    return support.run_cli(base, *args)
 
 
 @pytest.mark.parametrize(

@@ -190,7 +190,7 @@ def test_signed_webhooks_apply_with_duplicates_and_out_of_order_delivery(
     assert "failed" not in standalone.wait_finished(ids).values()
     for order_id, expected in eventgen.expected_summaries(events).items():
         actual = standalone.api(f"/orders/{order_id}").json()
-        assert eventgen.without_updated_at(actual) == expected, order_id
+        assert eventgen.comparable(actual) == expected, order_id
 
     def both_copies_counted() -> bool:
         records = [standalone.api(f"/events/{event_id}").json() for event_id in ids]

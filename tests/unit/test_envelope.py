@@ -57,3 +57,26 @@ def test_a_usable_envelope_gives_its_header() -> None:
 )
 def test_an_unusable_time_or_mode_reads_as_absent(extra: dict[str, Any], attribute: str) -> None:
     assert getattr(header_of({**GOOD, **extra}), attribute) is None
+
+
+@pytest.mark.parametrize(
+    ("event_type", "obj", "order_id"),
+    [
+        ("refund.complete", {"id": "re_1", "orderId": "ord_1"}, "ord_1"),
+        ("refund.complete", {"id": "re_1", "invoiceId": "inv_1"}, "inv_1"),
+        ("refund.complete", {"id": "re_1"}, None),
+        ("order.refunded", {"id": "ord_1"}, "ord_1"),
+        ("order.charge.refund.complete", {"id": "ch_1", "orderId": "ord_1"}, "ord_1"),
+        # A Charge without its orderId names no order: its id is the charge's.
+        ("order.charge.refund.complete", {"id": "ch_1"}, None),
+        ("order.charge.refund.failed", {"id": "ord_1", "payment": {"charges": []}}, "ord_1"),
+        ("sales_transaction.created", {"id": "st_1", "orderId": "ord_1"}, "ord_1"),
+        ("fulfillment.created", {"id": "ful_1"}, None),
+        ("order.refunded", {"id": "ord\n1"}, None),
+    ],
+)
+def test_the_header_names_the_order_the_event_is_about(
+    event_type: str, obj: dict[str, Any], order_id: str | None
+) -> None:
+    header = header_of({**GOOD, "type": event_type, "data": {"object": obj}})
+    assert header.order_id == order_id

@@ -12,6 +12,7 @@ import pytest
 
 from models.outcome import Outcome
 from models.payloads import load_json
+from models.rules import HANDLED_EVENTS
 from worker.reconcile.dr_api import (
     DRApiMalformed,
     DROrder,
@@ -20,12 +21,14 @@ from worker.reconcile.dr_api import (
     retry_after_seconds,
 )
 from worker.reconcile.plan import (
+    LISTED_TYPES,
     RETENTION,
     RETENTION_MARGIN,
     Known,
     Verdict,
     Window,
     drift,
+    listed_by,
     next_checkpoint,
     plan_window,
     slices,
@@ -249,3 +252,23 @@ def test_dumps_exact_round_trips(value: Any) -> None:
 )
 def test_retry_after(header: str | None, expected: float | None) -> None:
     assert retry_after_seconds(header, NOW) == expected
+
+
+def test_every_handled_type_is_in_exactly_one_listing() -> None:
+    for event_type in HANDLED_EVENTS:
+        assert sum(listed_by(group, event_type) for group in LISTED_TYPES) == 1, event_type
+
+
+@pytest.mark.parametrize(
+    ("pattern", "event_type", "listed"),
+    [
+        ("refund.*", "refund.pending_information", True),
+        ("refund.*", "order.refunded", False),
+        ("order.dispute", "order.dispute.resolved", False),
+        ("order.charge.refund.*", "order.charge.capture.complete", False),
+    ],
+)
+def test_a_listing_matches_as_dr_documents_the_wildcard(
+    pattern: str, event_type: str, listed: bool
+) -> None:
+    assert listed_by(pattern, event_type) is listed

@@ -23,6 +23,7 @@ import orjson
 APPLY_TASK = "events.apply"
 SWEEP_TASK = "events.sweep"
 RECONCILE_TASK = "reconcile.events"
+PENDING_CHECK_TASK = "refunds.check_pending"
 
 _SEAL_VERSION = "v1="
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -31,7 +31,7 @@ from tenacity import (
 
 from models.envelope import UnusableEnvelope, header_of
 from models.errors import InvalidEvent, RefundSyncError
-from models.payloads import Order, iso, load_json
+from models.payloads import Order, Refund, iso, load_json, parse_object
 
 log = logging.getLogger("refundsync.dr_api")
 
@@ -94,6 +94,7 @@ class ListedEvent:
     created_time: datetime
     live_mode: bool | None
     body: str
+    order_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,7 @@ def _listed_event(item: Any, where: str) -> ListedEvent:
         created_time=header.created_time,
         live_mode=header.live_mode,
         body=dumps_exact(item),
+        order_id=header.order_id,
     )
 
 
@@ -224,13 +226,14 @@ class DRClient:
 
     def list_events(
         self,
+        event_type: str,
         *,
-        types: Sequence[str],
         created_gte: datetime,
         created_lt: datetime,
         limit: int = PAGE_LIMIT,
     ) -> Iterator[EventPage]:
-        """Every event of these types created in [created_gte, created_lt), page by page.
+        """Every event that DR's `type` filter `event_type` (a name, or a group with `*`)
+        matches, created in [created_gte, created_lt), page by page.
 
         Pages follow the `startingAfter` cursor (the last event of the previous page), so
         the listing is complete whichever order DR sorts in.
@@ -239,15 +242,15 @@ class DRClient:
         cursors: set[str] = set()
         number = 1
         while True:
-            params: list[tuple[str, str]] = [("types", name) for name in types]
-            params += [
+            params: list[tuple[str, str]] = [
+                ("type", event_type),
                 ("createdTime[gte]", iso(created_gte) or ""),
                 ("createdTime[lt]", iso(created_lt) or ""),
                 ("limit", str(limit)),
             ]
             if cursor is not None:
                 params.append(("startingAfter", cursor))
-            where = f"GET /events page {number}"
+            where = f"GET /events?type={event_type} page {number}"
             page = parse_event_page(self._get_json("/events", params, where), where)
             yield page
             if not page.has_more:
@@ -269,6 +272,22 @@ class DRClient:
         except (ValidationError, InvalidEvent) as exc:
             raise DRApiMalformed(f"{where}: not an Order: {str(exc).splitlines()[0]}") from None
         return DROrder(order.id, order.currency, order.refundedAmount)
+
+    def get_refund(self, refund_id: str) -> dict[str, Any] | None:
+        """DR's refund `refund_id` as DR wrote it (numbers exact), or None if DR does not
+        know it. Raises DRApiMalformed unless it reads as a Refund with that id."""
+        where = f"GET /refunds/{refund_id}"
+        data = self._get_json(f"/refunds/{quote(refund_id, safe='')}", [], where, missing_ok=True)
+        if data is None:
+            return None
+        try:
+            refund = parse_object(Refund, data)
+        except InvalidEvent as exc:
+            raise DRApiMalformed(f"{where}: not a Refund: {str(exc).splitlines()[0]}") from None
+        if refund.id != refund_id:
+            raise DRApiMalformed(f"{where}: the answer is refund {refund.id[:64]}")
+        assert isinstance(data, dict)  # noqa: S101 - parse_object accepted it as an object
+        return data
 
     def _get_json(
         self, path: str, params: list[tuple[str, str]], where: str, *, missing_ok: bool = False

@@ -23,7 +23,7 @@ from models.settings import Settings
 from models.summary import refunded_amount
 from worker.reconcile.dr_api import DRApiError, DRClient, EventPage, ListedEvent
 from worker.reconcile.plan import (
-    RECONCILED_TYPES,
+    LISTED_TYPES,
     Drift,
     Known,
     Verdict,
@@ -206,10 +206,11 @@ def _run(
     try:
         for start, end in slices(window.start, window.end):
             listed: list[datetime] = []
-            pages = client.list_events(types=RECONCILED_TYPES, created_gte=start, created_lt=end)
-            for page in pages:
-                _reconcile_page(engine, page, summary, publish, stuck_after, clock)
-                listed.extend(event.created_time for event in page.events)
+            for event_type in LISTED_TYPES:
+                pages = client.list_events(event_type, created_gte=start, created_lt=end)
+                for page in pages:
+                    _reconcile_page(engine, page, summary, publish, stuck_after, clock)
+                    listed.extend(event.created_time for event in page.events)
             position = next_checkpoint(summary.checkpoint_after, listed)
             if not dry_run and position is not None and position != summary.checkpoint_after:
                 summary.checkpoint_after = advance_checkpoint(engine, position)
