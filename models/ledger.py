@@ -442,8 +442,10 @@ def outcomes_of(conn: Connection, ids: Sequence[str]) -> dict[str, tuple[Outcome
     return {row.id: (Outcome(row.outcome), row.received_at) for row in rows}
 
 
-def record_listed(conn: Connection, events: Sequence[Listed], now: datetime) -> set[str]:
-    """Record listed events never seen as queued, source 'reconcile'; the ids recorded.
+def record_listed(
+    conn: Connection, events: Sequence[Listed], now: datetime, source: str = "reconcile"
+) -> set[str]:
+    """Record listed events never seen as queued, from `source`; the ids recorded.
 
     No copy has reached a worker yet, so `deliveries` and `attempts` start at 0. An id that
     someone else recorded first is left out: its copy is already on its way.
@@ -459,7 +461,7 @@ def record_listed(conn: Connection, events: Sequence[Listed], now: datetime) -> 
             "deliveries": 0,
             "attempts": 0,
             "received_at": now,
-            "source": "reconcile",
+            "source": source,
             "order_id": event.order_id,
         }
         for event in events

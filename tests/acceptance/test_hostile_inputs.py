@@ -644,11 +644,13 @@ CASES: list[Case] = [
         "ignored",
         reason="not a chargeback",
     ),
+    # Contract v2 keeps a refund of an invoice under the invoice (test_summary_v2); one that
+    # names neither an order nor an invoice belongs to nothing.
     hostile(
-        "refund-of-no-order",
-        refund_event(orderId=None, invoiceId=f"inv_{_key()}"),
-        "ignored",
-        reason="no order",
+        "refund-of-no-order-nor-invoice",
+        refund_event(orderId=None),
+        "failed",
+        reason="a Refund needs orderId or invoiceId",
     ),
     # An unhandled type is ignored whatever else its envelope lacks.
     hostile(

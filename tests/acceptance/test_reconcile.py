@@ -336,7 +336,10 @@ def test_client_retries_server_errors_and_timeouts_then_gives_up(fake: FakeDR) -
     fake.script(*[server_error()] * 10)
     with (
         DRClient(fake.url, API_KEY, retry=FAST) as client,
-        pytest.raises(DRApiUnavailable, match=r"^GET /events page 1: HTTP 500 after 4 tries$"),
+        pytest.raises(
+            DRApiUnavailable,
+            match=r"^GET /events\?type=refund\.pending page 1: HTTP 500 after 4 tries$",
+        ),
     ):
         _last_hour(client)
 
@@ -393,8 +396,11 @@ def test_a_malformed_page_fails_the_run_and_leaves_the_checkpoint(
     fake.script(NORMAL, malformed(page))
     result = _reconcile(_env(stack.env, fake))
     assert result.returncode == 1
+    # The second request: the first listing's second page, or the second listing.
+    second = fake.event_requests()[1].query
+    where = f"GET /events?type={second['type'][0]} page {2 if 'startingAfter' in second else 1}"
     assert _last_line(result.stderr) == (
-        "refundsync: reconcile failed: GET /events page 2: data[0].createdTime is missing or"
+        f"refundsync: reconcile failed: {where}: data[0].createdTime is missing or"
         f" not an ISO time; checkpoint stays at {before.isoformat().replace('+00:00', 'Z')}"
     )
     assert _checkpoint(stack.engine) == before
@@ -438,8 +444,8 @@ def test_two_runs_started_together_publish_each_missing_event_once(
     assert len(done) == 1, stdouts
     handled = _handled(events)
     assert _summary(done[0])["published"] == str(len(handled))
-    # Only one run listed.
-    assert len(fake.event_requests()) == math.ceil(len(handled) / 100)
+    # Only one run listed: one slice, each listing once.
+    assert len(fake.event_requests()) == _pages(events)
 
     support.wait_finished(stack.engine, [e["id"] for e in handled])
     rows = _rows(stack.engine, [e["id"] for e in handled])

@@ -215,4 +215,10 @@ def test_a_change_that_could_not_be_published_is_asked_about_again(
             text("SELECT checked_at FROM refunds WHERE order_id = :o AND id = :r"),
             {"o": order_id, "r": refund_id},
         ).scalar_one()
+        recorded = conn.execute(
+            text("SELECT outcome, source, order_id FROM webhook_events WHERE id = :id"),
+            {"id": f"pending-check-{refund_id}-expired"},
+        ).one()
     assert checked is None
+    # Recorded before the publish failed: the sweeper finds it unfinished and publishes it.
+    assert tuple(recorded) == ("queued", "pending-check", order_id)

@@ -340,10 +340,44 @@ def test_a_partial_chargeback_leaves_the_rest_refundable() -> None:
     # 10.00 of 54.02 charged back, 27.01 refunded: 17.01 is still the customer's to refund.
     # v1 froze the order at charged_back.
     events = [_refund("succeeded", A, 1), _order_refunded(2, 27.01, 27.01), _sale(10.0, 3)]
-    out = summary(events)
-    assert out["chargebackStatus"] == "partially_charged_back"
-    assert out["refundStatus"] == "partially_refunded"
-    assert out["chargebackAmount"] == "10.00"
+    assert summary(events) == {
+        "orderId": ORDER,
+        "upstreamId": None,
+        "currency": "USD",
+        "orderState": "complete",
+        "totalAmount": "54.02",
+        "capturedAmount": "54.02",
+        "availableToRefundAmount": "27.01",
+        "refundStatus": "partially_refunded",
+        "refundedAmount": "27.01",
+        "pendingRefundAmount": "0.00",
+        "drRefundedAmount": "27.01",
+        "chargebackStatus": "partially_charged_back",
+        "chargebackAmount": "10.00",
+        "disputeStatus": "none",
+        "refunds": [
+            {
+                "id": A,
+                "type": None,
+                "state": "succeeded",
+                "amount": "27.01",
+                "refundedAmount": "27.01",
+                "reason": None,
+                "failureReason": None,
+                "items": [],
+                "metadata": {},
+                "expiresTime": None,
+                "tokenInformation": None,
+                "createdTime": "2022-03-17T21:03:59Z",
+                "lastEventId": f"evt-{A}-succeeded",
+                "lastEventTime": at(1),
+            }
+        ],
+        "chargeRefunds": [],
+        "chargebacks": [{"id": "st_3", "type": "fraud_chargeback", "amount": "10.00"}],
+        "lastEventId": "evt-sale-3",
+        "lastEventTime": at(3),
+    }
 
 
 def test_a_chargeback_of_all_that_refunds_left_charges_the_order_back() -> None:

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from prometheus_client import Counter
 from sqlalchemy import Engine
@@ -21,8 +22,8 @@ from sqlalchemy import Engine
 from models import orders
 from models.payloads import iso
 from models.settings import Settings
-from worker.reconcile.dr_api import DRApiError, DRClient, dumps_exact
-from worker.reconcile.run import Publish, client_for
+from worker.reconcile.dr_api import DRApiError, DRClient, ListedEvent, dumps_exact
+from worker.reconcile.run import Publish, client_for, record_missing
 
 log = logging.getLogger("refundsync.reconcile")
 
@@ -55,18 +56,26 @@ class PendingCheck:
         )
 
 
-def check_event(refund: dict[str, object], now: datetime) -> tuple[str, str]:
-    """The event (its id and body) that carries DR's `refund` as seen at `now`. Its id
-    names the refund and the state, so checks that find the same change publish one event."""
+def check_event(refund: dict[str, Any], order_id: str, now: datetime) -> ListedEvent:
+    """The event that carries DR's `refund` as seen at `now`. Its id names the refund and
+    the state, so checks that find the same change make one event."""
     event_id = f"{SOURCE}-{refund['id']}-{refund['state']}"
+    live = refund.get("liveMode")
     body = {
         "id": event_id,
         "type": CHECK_EVENT_TYPE,
         "createdTime": iso(now),
-        "liveMode": refund.get("liveMode"),
+        "liveMode": live,
         "data": {"object": refund},
     }
-    return event_id, dumps_exact(body)
+    return ListedEvent(
+        id=event_id,
+        type=CHECK_EVENT_TYPE,
+        created_time=now,
+        live_mode=live if isinstance(live, bool) else None,
+        body=dumps_exact(body),
+        order_id=order_id,
+    )
 
 
 def check_pending(
@@ -92,10 +101,14 @@ def check_pending(
                 unknown += 1
                 log.warning("pending_check.unknown_refund", extra={"refund_id": refund_id})
             elif refund.get("state") != state:
-                event_id, body = check_event(refund, now)
-                publish(body, event_id, CHECK_EVENT_TYPE, now)
-                CHANGED.inc()
-                changed += 1
+                event = check_event(refund, order_id, now)
+                # Recorded before publishing, as reconciliation does: if the broker then
+                # loses the message, the sweeper finds the event unfinished and publishes it
+                # again; an earlier check that found the same change already did both.
+                if record_missing(engine, [event], now, SOURCE):
+                    publish(event.body, event.id, event.type, now)
+                    CHANGED.inc()
+                    changed += 1
                 log.info(
                     "pending_check.changed",
                     extra={"refund_id": refund_id, "from": state, "to": refund.get("state")},

@@ -290,8 +290,10 @@ def known_events(engine: Engine, ids: Sequence[str]) -> dict[str, Known]:
     return {event_id: Known(outcome, received) for event_id, (outcome, received) in found.items()}
 
 
-def record_missing(engine: Engine, events: Sequence[ListedEvent], now: datetime) -> set[str]:
-    """Record never-seen events as queued, source 'reconcile'; the ids this run must publish.
+def record_missing(
+    engine: Engine, events: Sequence[ListedEvent], now: datetime, source: str = "reconcile"
+) -> set[str]:
+    """Record never-seen events as queued, from `source`; the ids this run must publish.
 
     No copy has reached a worker yet, so `deliveries` and `attempts` start at 0. An id that
     someone else recorded first is left out: its copy is already on its way.
@@ -300,7 +302,7 @@ def record_missing(engine: Engine, events: Sequence[ListedEvent], now: datetime)
         return set()
     try:
         with transaction(engine) as conn:
-            return ledger.record_listed(conn, events, now)
+            return ledger.record_listed(conn, events, now, source)
     except sa_exc.DataError:
         pass
     # Postgres refused one payload (e.g. a \u0000 in a string): record the others one by
@@ -309,7 +311,7 @@ def record_missing(engine: Engine, events: Sequence[ListedEvent], now: datetime)
     for event in events:
         try:
             with transaction(engine) as conn:
-                ids |= ledger.record_listed(conn, [event], now)
+                ids |= ledger.record_listed(conn, [event], now, source)
         except sa_exc.DataError:
             ids.add(event.id)
     return ids
