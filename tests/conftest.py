@@ -3,6 +3,8 @@ removes them afterwards, so runs never see each other's data."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
@@ -15,6 +17,18 @@ from tests.support import Stack
 
 # The session stack's process logs, shown only for the tests that use it.
 _STACK_LOGS: set[Path] = set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scratch() -> Iterator[Path]:
+    """The temporary directory of the processes tests start (support.SCRATCH)."""
+    path = Path(tempfile.mkdtemp(prefix="refundsync-tests-"))
+    support.SCRATCH = path
+    try:
+        yield path
+    finally:
+        support.SCRATCH = None
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

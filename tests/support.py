@@ -159,8 +159,16 @@ class Database:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
 
+# The TMPDIR of every process a test starts (set by tests/conftest.py for the session, and
+# removed with all in it at its end): a process the test kills cannot remove its own
+# temporary files (multiprocessing's pymp-*, a metrics directory), and they must not stay.
+SCRATCH: Path | None = None
+
+
 def service_env(db_url: str, redis_url: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DR_", "REFUNDSYNC_"))}
+    if SCRATCH is not None:
+        env["TMPDIR"] = str(SCRATCH)
     env.update(
         DATABASE_URL=db_url,
         REDIS_URL=redis_url,

@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests import support
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
@@ -77,6 +79,8 @@ def _strings(node: object) -> list[str]:
 def _process_env(service: str) -> dict[str, str]:
     """The service's environment and nothing of this machine's refundsync settings."""
     kept = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    if support.SCRATCH is not None:
+        kept["TMPDIR"] = str(support.SCRATCH)  # removed at the session's end
     return {**kept, **_env(service)}
 
 

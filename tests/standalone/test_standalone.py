@@ -35,6 +35,8 @@ def _env(**extra: str) -> dict[str, str]:
         for key, value in os.environ.items()
         if not key.startswith(("DR_", "REFUNDSYNC_", "DATABASE_URL", "REDIS_URL"))
     }
+    if support.SCRATCH is not None:
+        env["TMPDIR"] = str(support.SCRATCH)  # removed at the session's end
     env.update(REFUNDSYNC_METRICS_ADDR="", PYTHONUNBUFFERED="1", **extra)
     return env
 
