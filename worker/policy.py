@@ -1,20 +1,28 @@
 """Delivery timing: how long a task may run, when a message a dead worker held comes back,
-and how long an event waits before its next attempt. Import-safe (nothing runs here), so
-tests derive their deadlines from the same numbers the workers use."""
+how long an event waits before its next attempt, and how a message is handed back untried.
+Import-safe (nothing runs here), so tests derive their deadlines from the same numbers the
+workers use."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Signature, Task
 from celery.utils.time import get_exponential_backoff_interval
 
 from models.errors import DatabaseBusy
 
 __all__ = [
     "BATCH_LIMIT",
+    "DEFERRED",
     "EVENT_FLUSH_S",
     "MAX_RETRY_COUNTDOWN_S",
     "RESTORE_SCAN_S",
     "TASK_TIME_LIMIT_S",
     "VISIBILITY_TIMEOUT_S",
+    "Deferral",
+    "handed_back",
     "retry_countdown",
 ]
 
@@ -48,3 +56,36 @@ def retry_countdown(exc: Exception, retries: int) -> float:
             factor=1, retries=retries, maximum=MAX_RETRY_COUNTDOWN_S, full_jitter=True
         )
     )
+
+
+# A field of the task's request (`self.request` in the task) naming why the pool hands its
+# message back untried. Only the pool sets it; handed_back below keeps it out of the
+# message published again.
+DEFERRED = "refundsync_deferred"
+
+
+@dataclass(frozen=True)
+class Deferral:
+    """The value of that field. A message's headers become request fields too, so a header
+    of that name (JSON) is never taken for one: only an object the pool made is."""
+
+    reason: str
+
+
+def handed_back(task: Task[Any, Any], request: Any) -> Signature[Any]:
+    """The message `request` came in, to publish again as it was.
+
+    Celery copies a request's unknown fields into the new message's headers; the pool's
+    mark must not go with it, or the copy would be handed back again, for ever."""
+    again = task.signature_from_request(
+        request,
+        None,
+        {},
+        retries=request.retries,
+        argsrepr=request.argsrepr,
+        kwargsrepr=request.kwargsrepr,
+    )
+    headers = again.options.get("headers")
+    if isinstance(headers, dict):
+        headers.pop(DEFERRED, None)
+    return again

@@ -53,7 +53,7 @@ from kombu.utils.uuid import uuid
 
 from worker import processing
 from worker.app import STANDALONE, app, settings
-from worker.policy import BATCH_LIMIT, EVENT_FLUSH_S, TASK_TIME_LIMIT_S
+from worker.policy import BATCH_LIMIT, DEFERRED, EVENT_FLUSH_S, TASK_TIME_LIMIT_S, Deferral
 from worker.queue.contract import APPLY_TASK
 
 log = logging.getLogger("refundsync.worker")
@@ -65,9 +65,6 @@ ALONE_BUDGET_S = TASK_TIME_LIMIT_S / 3
 # What the pool process runs for one message: Celery's own arguments for its tracer.
 Job = tuple[str, str, dict[str, Any], Any, str | None, str | None]
 
-# A field of the task's request (`self.request` in the task) naming why the pool hands its
-# message back untried. Only the pool sets it: it never travels in a message.
-DEFERRED = "refundsync_deferred"
 # What the tracer returns for one message: (failed, result or exception info, runtime).
 Traced = tuple[int, Any, float]
 
@@ -302,7 +299,8 @@ def run_batch(jobs: list[Job]) -> list[Traced]:
 def _deferred(job: Job, reason: str) -> Job:
     """The job with its request marked: the task hands the message back untried."""
     name, task_id, request, body, content_type, content_encoding = job
-    return (name, task_id, {**request, DEFERRED: reason}, body, content_type, content_encoding)
+    marked = {**request, DEFERRED: Deferral(reason)}
+    return (name, task_id, marked, body, content_type, content_encoding)
 
 
 def _trace(job: Job) -> Traced:

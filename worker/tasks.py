@@ -14,8 +14,8 @@ from models.errors import Deferred, TransientError
 from models.logs import bound
 from worker import processing
 from worker.app import app, settings
-from worker.policy import retry_countdown
-from worker.pool import DEFERRED, PrivateRequest
+from worker.policy import DEFERRED, Deferral, handed_back, retry_countdown
+from worker.pool import PrivateRequest
 from worker.queue.contract import APPLY_TASK, PENDING_CHECK_TASK, RECONCILE_TASK, SWEEP_TASK
 from worker.queue.republish import Sender
 from worker.reconcile import pending
@@ -50,8 +50,8 @@ def apply_event(
 
 def _apply_event(self: Task[Any, Any], copy: processing.Copy) -> str:
     deferred = getattr(self.request, DEFERRED, None)
-    if isinstance(deferred, str):
-        return _defer(self, deferred)
+    if isinstance(deferred, Deferral):
+        return _defer(self, deferred.reason)
     body = copy.body
     try:
         result = processing.process(settings, copy)
@@ -71,14 +71,7 @@ def _defer(task: Task[Any, Any], reason: str) -> str:
     request = task.request
     exc = Deferred(reason)
     log.info("event.deferred", extra={"reason": reason})
-    again = task.signature_from_request(
-        request,
-        None,
-        {},
-        retries=request.retries,
-        argsrepr=request.argsrepr,
-        kwargsrepr=request.kwargsrepr,
-    )
+    again = handed_back(task, request)
     try:
         again.apply_async()
     except Exception as publish_failed:  # noqa: BLE001 - whatever stopped the publish
