@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from sqlalchemy import Connection, Engine
@@ -84,7 +83,6 @@ def rebuild_all(
     engine: Engine,
     live_mode: LiveMode,
     batch: int = BATCH,
-    progress: Callable[[Rebuilt], None] | None = None,
 ) -> Rebuilt:
     """Rebuild every order, `batch` orders per transaction, in the order of their ids."""
     started = time.monotonic()
@@ -97,8 +95,6 @@ def rebuild_all(
         total += applied[0]
         events += applied[1]
         changed += differ
-        if progress is not None:
-            progress(Rebuilt(total, events, changed, time.monotonic() - started))
     return Rebuilt(total, events, changed, time.monotonic() - started)
 
 
