@@ -110,6 +110,7 @@ def create_app(settings: Settings) -> ASGIApp:
             Route("/invoices/{invoice_id:path}", reads.get_invoice, methods=["GET"]),
             Route("/events/{event_id:path}", reads.get_event, methods=["GET"]),
             Route("/events", reads.list_events, methods=["GET"]),
+            Route("/changes", reads.list_changes, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", reads.ready, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 
 from prometheus_client import (
     Counter,
@@ -15,7 +16,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from models import ledger
+from models import feed, ledger, outbox
 from models.telemetry import service_registry
 
 _SCRAPE = threading.Lock()
@@ -63,6 +64,36 @@ class StateCollector(Collector):
             failed.add_metric([], -1)
         yield oldest
         yield failed
+        yield from self._outbound()
+
+    def _outbound(self) -> Iterator[GaugeMetricFamily]:
+        waiting = GaugeMetricFamily(
+            "refundsync_notify_undelivered",
+            "Changes waiting to be delivered to REFUNDSYNC_NOTIFY_URL (-1: database down)",
+        )
+        oldest = GaugeMetricFamily(
+            "refundsync_notify_oldest_undelivered_age_seconds",
+            "Age of the oldest change not yet delivered (0: none; -1: database down)",
+        )
+        lag = GaugeMetricFamily(
+            "refundsync_changes_feed_lag_seconds",
+            "How long the oldest committed change has waited for older transactions to end"
+            " before GET /changes can return it (0: none; -1: database down)",
+        )
+        try:
+            now = datetime.now(UTC)
+            with self._engine().connect() as conn:
+                count, age = outbox.backlog(conn, now)
+                behind = feed.lag_seconds(conn, now)
+            waiting.add_metric([], count)
+            oldest.add_metric([], age)
+            lag.add_metric([], behind)
+        except SQLAlchemyError:
+            for family in (waiting, oldest, lag):
+                family.add_metric([], -1)
+        yield waiting
+        yield oldest
+        yield lag
 
 
 def exposition(state: StateCollector, queue_depth: int) -> bytes:

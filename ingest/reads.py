@@ -1,5 +1,5 @@
 """The read API (`/orders/{id}`, `/orders?upstreamId=`, `/invoices/{id}`, `/events/{id}`,
-`/events`) and readiness: bearer token, read-only queries."""
+`/events`, `/changes`) and readiness: bearer token, read-only queries."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ingest.responses import error, ok
-from models import ledger, views
+from models import feed, ledger, views
 from models.db import make_engine
 from models.outcome import Outcome
 from models.payloads import could_be_stored_id
@@ -159,21 +159,53 @@ async def list_events(request: Request) -> Response:
     if outcome is not None and outcome not in {o.value for o in Outcome}:
         allowed = ", ".join(o.value for o in Outcome)
         return error(400, "invalid_outcome", f"outcome must be one of {allowed}")
-    raw_limit = request.query_params.get("limit", "100")
-    # The length first: int() refuses strings of thousands of digits with a ValueError.
-    valid = len(raw_limit) <= 4 and raw_limit.isascii() and raw_limit.isdecimal()
-    if not valid or not 1 <= int(raw_limit) <= MAX_LIMIT:
-        return error(400, "invalid_limit", f"limit must be an integer from 1 to {MAX_LIMIT}")
+    limit = _limit(request)
+    if limit is None:
+        return _invalid_limit()
     order_id = request.query_params.get("orderId")
     if order_id is not None and not could_be_stored_id(order_id):
         return ok([])  # no event names such an order
     try:
         records = await _query(
-            request, views.event_records, outcome=outcome, limit=int(raw_limit), order_id=order_id
+            request, views.event_records, outcome=outcome, limit=limit, order_id=order_id
         )
     except SQLAlchemyError as exc:
         return _database_error(exc)
     return ok(records)
+
+
+def _limit(request: Request) -> int | None:
+    """The `limit` query parameter (default 100), or None when it is not 1 to MAX_LIMIT."""
+    raw_limit = request.query_params.get("limit", "100")
+    # The length first: int() refuses strings of thousands of digits with a ValueError.
+    valid = len(raw_limit) <= 4 and raw_limit.isascii() and raw_limit.isdecimal()
+    if not valid or not 1 <= int(raw_limit) <= MAX_LIMIT:
+        return None
+    return int(raw_limit)
+
+
+def _invalid_limit() -> Response:
+    return error(400, "invalid_limit", f"limit must be an integer from 1 to {MAX_LIMIT}")
+
+
+async def list_changes(request: Request) -> Response:
+    """`GET /changes?after=C&limit=N`: the change feed from cursor C, gap-free (models.feed)."""
+    if not _authorized(request):
+        return _unauthorized()
+    limit = _limit(request)
+    if limit is None:
+        return _invalid_limit()
+    raw_after = request.query_params.get("after")
+    try:
+        after = feed.Cursor.parse(raw_after) if raw_after else None
+        page = await _query(request, feed.read, after, limit)
+    except feed.InvalidCursor as exc:
+        return error(400, "invalid_cursor", str(exc))
+    except feed.CursorExpired as exc:
+        return error(410, "cursor_expired", str(exc))
+    except SQLAlchemyError as exc:
+        return _database_error(exc)
+    return ok({"changes": page.changes, "next": page.next.text})
 
 
 async def ready(request: Request) -> Response:

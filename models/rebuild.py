@@ -17,7 +17,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import OperationalError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
-from models import ledger, orders, store
+from models import feed, ledger, orders, store
 from models.db import transaction
 from models.errors import InvalidEvent, TransientError
 from models.payloads import Envelope, as_utc, load_json
@@ -83,12 +83,17 @@ def rebuild_all(
     engine: Engine,
     live_mode: LiveMode,
     batch: int = BATCH,
+    *,
+    deliver: bool = False,
 ) -> Rebuilt:
-    """Rebuild every order, `batch` orders per transaction, in the order of their ids."""
+    """Rebuild every order, `batch` orders per transaction, in the order of their ids; each
+    changed order gets a change in the feed (to be delivered when `deliver`)."""
     started = time.monotonic()
     after, total, events, changed = "", 0, 0, 0
     while True:
-        found, applied, differ = _RETRYING(_rebuild_in_transaction, engine, after, batch, live_mode)
+        found, applied, differ = _RETRYING(
+            _rebuild_in_transaction, engine, after, batch, live_mode, deliver
+        )
         if not found:
             break
         after = found
@@ -99,18 +104,18 @@ def rebuild_all(
 
 
 def _rebuild_in_transaction(
-    engine: Engine, after: str, batch: int, live_mode: LiveMode
+    engine: Engine, after: str, batch: int, live_mode: LiveMode, deliver: bool
 ) -> tuple[str | None, tuple[int, int], int]:
     try:
         with transaction(engine) as conn:
-            return _rebuild_batch(conn, after, batch, live_mode)
+            return _rebuild_batch(conn, after, batch, live_mode, deliver)
     except OperationalError as exc:
         # A lock wait past the timeout, a deadlock, a lost connection: the batch is redone.
         raise TransientError(str(exc).splitlines()[0][:300]) from exc
 
 
 def _rebuild_batch(
-    conn: Connection, after: str, batch: int, live_mode: LiveMode
+    conn: Connection, after: str, batch: int, live_mode: LiveMode, deliver: bool
 ) -> tuple[str | None, tuple[int, int], int]:
     states = orders.lock_existing(conn, after, batch)
     if not states:
@@ -123,6 +128,7 @@ def _rebuild_batch(
         fresh = rebuilt(state, payloads[state.order_id], live_mode)
         if fresh != state:
             changes.append((state, fresh))
-    store.save_all(conn, changes, [], [])
+    feed_rows = [feed.change_row(fresh, None, deliver=deliver) for _, fresh in changes]
+    store.save_all(conn, changes, [], [], feed_rows)
     count = sum(len(found) for found in payloads.values())
     return states[-1].order_id, (len(states), count), len(changes)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.errors import ConfigError
@@ -46,6 +48,21 @@ class Settings(BaseSettings):
         default=86_400, ge=1, alias="REFUNDSYNC_PENDING_CHECK_SECONDS"
     )
 
+    changes_retention_days: int = Field(
+        default=30, ge=1, le=3650, alias="REFUNDSYNC_CHANGES_RETENTION_DAYS"
+    )
+    notify_url: str | None = Field(default=None, alias="REFUNDSYNC_NOTIFY_URL")
+    notify_secret: SecretStr | None = Field(default=None, alias="REFUNDSYNC_NOTIFY_SECRET")
+    notify_max_age_seconds: int = Field(
+        default=259_200, ge=1, alias="REFUNDSYNC_NOTIFY_MAX_AGE_SECONDS"
+    )
+    notify_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=60, alias="REFUNDSYNC_NOTIFY_TIMEOUT_SECONDS"
+    )
+    notify_backoff_max_seconds: int = Field(
+        default=3600, ge=1, alias="REFUNDSYNC_NOTIFY_BACKOFF_MAX_SECONDS"
+    )
+
     @field_validator("dr_webhook_secrets", mode="before")
     @classmethod
     def _split_secrets(cls, value: object) -> object:
@@ -53,10 +70,42 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("api_token", "dr_api_key", mode="before")
+    @field_validator("api_token", "dr_api_key", "notify_url", "notify_secret", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("notify_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("notify_secret")
+    @classmethod
+    def _whsec(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        secret = value.get_secret_value()
+        try:
+            key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        except ValueError:
+            key = b""
+        if not secret.startswith("whsec_") or len(key) < 16:
+            raise ValueError("must be whsec_ followed by at least 16 bytes in base64")
+        return value
+
+    @model_validator(mode="after")
+    def _notify_pair(self) -> Settings:
+        if (self.notify_url is None) != (self.notify_secret is None):
+            raise ValueError(
+                "REFUNDSYNC_NOTIFY_URL and REFUNDSYNC_NOTIFY_SECRET must be set together"
+            )
+        return self
 
     def secrets(self) -> list[str]:
         """The webhook signing secrets in clear, for the signature check only."""
@@ -79,8 +128,10 @@ def load_settings(*required: str) -> Settings:
         settings = Settings()
     except ValidationError as exc:
         error = exc.errors()[0]
-        name = str(error["loc"][0]) if error["loc"] else "configuration"
-        raise ConfigError(f"{name} is invalid: {error['msg']}") from None
+        if not error["loc"]:
+            # A rule across settings: its message names them.
+            raise ConfigError(str(error["msg"]).removeprefix("Value error, ")) from None
+        raise ConfigError(f"{error['loc'][0]} is invalid: {error['msg']}") from None
     missing = [name for name in required if not _REQUIRED[name](settings)]
     if missing:
         raise ConfigError(f"{', '.join(missing)} must be set (see README, Configuration)")

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from models import ledger, orders
+from models import feed, ledger, orders
 from models.db import Params, execute_all, query_all
 from models.envelope import EventHeader
 from models.rules import OrderState
@@ -56,9 +56,11 @@ def save_all(
     orders_changed: Iterable[tuple[OrderState, OrderState]],
     history: list[dict[str, Any]],
     finishes: Iterable[ledger.Finish],
+    feed_rows: list[dict[str, Any]],
 ) -> None:
     """Every write of one or more events, sent together: for each locked order what differs
-    between its two states, the history rows, and the events' outcomes."""
+    between its two states, the history rows, the events' outcomes, and the feed's changes
+    (models.feed: the outbox, committed with what it records)."""
     prebuilt = orders.statements(conn)
     rows: dict[Any, list[dict[str, Any]]] = {
         prebuilt.save_order: [],
@@ -75,5 +77,7 @@ def save_all(
     finished = [ledger.finish_params(f.event_id, f.outcome, f.error, f.order_id) for f in finishes]
     if finished:
         writes.append((ledger.statements(conn).finish_event, finished))
+    if feed_rows:
+        writes.append((feed.insert_statement(conn.dialect.name), feed_rows))
     if writes:
         execute_all(conn, writes)

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    FetchedValue,
     ForeignKeyConstraint,
     Identity,
     Index,
@@ -270,4 +271,70 @@ refused_messages = Table(
     Column("source", Text, comment="as the message claims it; not trusted"),
     Column("reason", Text, nullable=False),
     comment="events.apply messages not sealed by refundsync: never applied",
+)
+
+changes = Table(
+    "changes",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), Identity(), primary_key=True),
+    Column(
+        "xid",
+        BigInteger,
+        nullable=False,
+        server_default=FetchedValue(),
+        comment="the writing transaction's id (pg_current_xact_id); 0 on SQLite",
+    ),
+    Column("order_key", Text, nullable=False, comment="the order's or invoice's DR id"),
+    Column("kind", Text, nullable=False),
+    Column("upstream_id", Text),
+    Column("version", Integer, nullable=False),
+    Column("event_id", Text, comment="the event that made the change; null for a rebuild"),
+    Column("changed_at", UtcTimestamp(), nullable=False, server_default=func.now()),
+    # JSON, not JSONB: stored as written (its keys in the contract's order), never queried.
+    Column("summary", JSON, nullable=False, comment="the summary after it, but updatedAt"),
+    Column("delivery", Text, comment="pending, delivered or dead; null when not sent"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    _timestamp("next_attempt_at"),
+    _timestamp("leased_until"),
+    _timestamp("delivered_at"),
+    Column(
+        "redelivered_at",
+        UtcTimestamp(),
+        comment="when an operator sent it again; its deliveries' age counts from then",
+    ),
+    Index("changes_cursor", "xid", "id"),
+    Index("changes_order_version", "order_key", "version", unique=True),
+    Index(
+        "changes_undelivered",
+        "order_key",
+        "version",
+        postgresql_where=text("delivery = 'pending'"),
+        sqlite_where=text("delivery = 'pending'"),
+    ),
+    # SQLite would hand a purged row's id out again without it; cursors must only grow.
+    sqlite_autoincrement=True,
+    comment="the change feed, written with the change it records (the outbox)",
+)
+
+changes_purged = Table(
+    "changes_purged",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("xid", BigInteger, nullable=False),
+    Column("change_id", BigInteger, nullable=False),
+    Column("purged_at", UtcTimestamp(), nullable=False, server_default=func.now()),
+    comment="one row: the cursor of the newest change removed by retention",
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), Identity(), primary_key=True),
+    Column("change_id", BigInteger, nullable=False, index=True),
+    Column("attempt", Integer, nullable=False),
+    Column("attempted_at", UtcTimestamp(), nullable=False),
+    Column("status_code", Integer),
+    Column("latency_ms", Integer, nullable=False),
+    Column("error", Text, comment="what failed, never the receiver's response body"),
+    comment="one row per attempt to POST a change to REFUNDSYNC_NOTIFY_URL",
 )

@@ -596,3 +596,17 @@ def sealed_copy(
         key = trust.load_keys(conn)[0]
     args = apply_args(key, json.dumps(event), datetime.now(UTC).isoformat(), "webhook")
     return processing.copy_of({"redelivered": redelivered}, message, *args)
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include `labels`."""
+    text = httpx.get(url, timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)$", line)
+        if not match or match.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(match.group(3))
+    return total

@@ -34,7 +34,13 @@ from worker.policy import (
     VISIBILITY_TIMEOUT_S,
 )
 from worker.queue import redis_transport, sqlite_transport
-from worker.queue.contract import PENDING_CHECK_TASK, RECONCILE_TASK, SWEEP_TASK
+from worker.queue.contract import (
+    NOTIFY_SWEEP_TASK,
+    PENDING_CHECK_TASK,
+    PURGE_TASK,
+    RECONCILE_TASK,
+    SWEEP_TASK,
+)
 
 REDIS_TRANSPORT_OPTIONS = {
     "visibility_timeout": VISIBILITY_TIMEOUT_S,
@@ -108,6 +114,18 @@ def create_app(settings: Settings) -> Celery:
             "options": {"expires": float(settings.sweep_interval_seconds)},
         },
     }
+    # Retention runs whether or not webhooks go out: the feed is always written.
+    app.conf.beat_schedule["purge-changes"] = {
+        "task": PURGE_TASK,
+        "schedule": 3600.0,
+        "options": {"expires": 3600.0},
+    }
+    if settings.notify_url is not None:
+        app.conf.beat_schedule["sweep-deliveries"] = {
+            "task": NOTIFY_SWEEP_TASK,
+            "schedule": float(settings.sweep_interval_seconds),
+            "options": {"expires": float(settings.sweep_interval_seconds)},
+        }
     if settings.dr_api_key is not None:
         # Reconciliation with DR's Events API needs a key; without one it is off
         # (docs/reconciliation.md).
@@ -175,9 +193,10 @@ def _require_database(**_: object) -> None:
 
 def _after_fork(**_: object) -> None:
     # Connections must never cross a fork; each pool process opens its own.
-    from worker import processing
+    from worker import notify, processing
 
     processing.reset_engine()
+    notify.reset()
     freeze_startup_objects()
 
 

@@ -18,7 +18,7 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from models import ledger, logs, rebuild, trust, views
+from models import feed, ledger, logs, outbox, rebuild, trust, views
 from models.db import describe, make_engine, transaction
 from models.errors import ConfigError, RefundSyncError
 from models.payloads import iso
@@ -43,6 +43,11 @@ def _settings(*required: str) -> Settings:
 
 def _print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=False))
+
+
+def _print_line(value: Any) -> None:
+    """One JSON document per line, for lists a script reads line by line."""
+    click.echo(json.dumps(value, separators=(",", ":")))
 
 
 @click.group(help="Keep order refund data in sync with Digital River webhooks.")
@@ -309,7 +314,12 @@ def order_rebuild(batch: int) -> None:
 
     settings = _settings("DATABASE_URL")
     try:
-        done = rebuild.rebuild_all(processing.engine(settings), settings.dr_live_mode, batch)
+        done = rebuild.rebuild_all(
+            processing.engine(settings),
+            settings.dr_live_mode,
+            batch,
+            deliver=settings.notify_url is not None,
+        )
     except (SQLAlchemyError, RefundSyncError) as exc:
         reason = describe(exc) if isinstance(exc, SQLAlchemyError) else str(exc)
         _fail(f"rebuild stopped: {reason}; the batches done are kept, run it again")
@@ -456,6 +466,128 @@ def _replay(found: list[Any]) -> None:
         except OperationalError as exc:
             _fail(f"replay of {event.id} failed: broker unreachable ({exc})")
         click.echo(f"queued {event.id} {event.type}")
+
+
+@main.group(help="Read the change feed: every change to a summary, as the commerce system gets it.")
+def changes() -> None:
+    pass
+
+
+def _cursor(_: click.Context, param: click.Parameter, value: str | None) -> feed.Cursor | None:
+    try:
+        return feed.Cursor.parse(value) if value else None
+    except feed.InvalidCursor as exc:
+        raise click.BadParameter(str(exc), param=param) from None
+
+
+@changes.command(
+    "tail",
+    help="Print changes as JSON lines, oldest first, from the cursor given (default: the oldest "
+    "kept); the cursor to go on from goes to stderr. --follow keeps reading until Ctrl-C.",
+)
+@click.option("--after", callback=_cursor, help="A cursor from an earlier read.")
+@click.option("--follow", is_flag=True, help="Wait for new changes instead of stopping.")
+@click.option(
+    "--interval",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 3600),
+    help="Seconds between reads while following.",
+)
+def changes_tail(after: feed.Cursor | None, follow: bool, interval: float) -> None:
+    settings = _settings("DATABASE_URL")
+    engine = make_engine(settings.database_url or "", pool_size=1, read_only=True)
+    cursor = after
+    try:
+        while True:
+            with engine.connect() as conn:
+                page = feed.read(conn, cursor, 1000)
+            for change in page.changes:
+                _print_line(change)
+            cursor = page.next
+            if not page.changes:
+                if not follow:
+                    break
+                time.sleep(interval)
+    except feed.CursorExpired as exc:
+        _fail(str(exc))
+    except SQLAlchemyError as exc:
+        _fail(f"database unavailable: {describe(exc)}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        engine.dispose()
+        if cursor is not None:
+            click.echo(f"next: {cursor.text}", err=True)
+
+
+@main.group(
+    "notify", help="Operate outbound webhooks: the changes POSTed to REFUNDSYNC_NOTIFY_URL."
+)
+def notify_group() -> None:
+    pass
+
+
+@notify_group.command(
+    "failed", help="List changes whose delivery is dead, or failing still, oldest first."
+)
+@click.option("--dead", "dead_only", is_flag=True, help="Only the dead ones.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10_000))
+def notify_failed(dead_only: bool, limit: int) -> None:
+    for found in _read(outbox.failing, dead_only=dead_only, limit=limit):
+        _print_line(
+            {
+                "cursor": found.cursor,
+                "order": found.order_key,
+                "version": found.version,
+                "delivery": found.delivery,
+                "attempts": found.attempts,
+                "changedAt": iso(found.changed_at),
+                "lastStatus": found.status,
+                "lastError": found.error,
+            }
+        )
+
+
+@notify_group.command(
+    "redeliver",
+    help="Send changes again (by cursor, the webhook-id the receiver saw), or every dead one; "
+    "retried again for REFUNDSYNC_NOTIFY_MAX_AGE_SECONDS from now.",
+)
+@click.argument("cursors", nargs=-1)
+@click.option("--dead", "all_dead", is_flag=True, help="Send every dead change again.")
+def notify_redeliver(cursors: tuple[str, ...], all_dead: bool) -> None:
+    if bool(cursors) == all_dead:
+        raise click.UsageError("give cursors or --dead (one of the two)")
+    try:
+        named = [feed.Cursor.parse(cursor) for cursor in cursors]
+    except feed.InvalidCursor as exc:
+        raise click.UsageError(str(exc)) from None
+    settings = _settings("DATABASE_URL", "REDIS_URL")
+    if settings.notify_url is None:
+        _fail("REFUNDSYNC_NOTIFY_URL is not set: there is nowhere to deliver to")
+    from worker import processing
+    from worker.app import app
+    from worker.queue import republish
+
+    try:
+        with transaction(processing.engine(settings)) as conn:
+            again = outbox.redeliver(conn, None if all_dead else named, datetime.now(UTC))
+    except SQLAlchemyError as exc:
+        _fail(f"database unavailable: {describe(exc)}")
+    newest: dict[str, int] = {}
+    for _, order_key, version in again:
+        newest[order_key] = max(version, newest.get(order_key, 0))
+    try:
+        republish.announce(app, settings.queue, newest)
+    except (OperationalError, RedisError):
+        # Marked due already: beat's sweep sends them within REFUNDSYNC_SWEEP_INTERVAL_SECONDS.
+        click.echo("broker unreachable: the sweep will send them", err=True)
+    for cursor, order_key, version in again:
+        click.echo(f"queued {cursor.text} {order_key}@{version}")
+    missing = sorted({c.text for c in named} - {cursor.text for cursor, _, _ in again})
+    if missing:
+        _fail(f"not found (or never to be delivered): {', '.join(missing)}")
 
 
 def _read(fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -65,3 +65,20 @@ def serve(address: str) -> None:
     host, _, port = address.rpartition(":")
     registry = service_registry()
     start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)  # noqa: S104
+
+
+DELIVERIES = Counter(
+    "refundsync_notify_deliveries_total",
+    "Attempts to POST a change to REFUNDSYNC_NOTIFY_URL, by what followed: delivered, retry, dead",
+    ["outcome"],
+)
+DELIVERY_SECONDS = Histogram(
+    "refundsync_notify_seconds",
+    "Time of one POST to REFUNDSYNC_NOTIFY_URL, answered or not",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+NOTIFY_LATENCY = Histogram(
+    "refundsync_notify_delay_seconds",
+    "From a change's commit to its delivery (a 2xx from the receiver)",
+    buckets=_AGE_BUCKETS,
+)

@@ -51,7 +51,7 @@ from celery.worker.state import revoked
 from kombu.serialization import loads, prepare_accept_content
 from kombu.utils.uuid import uuid
 
-from worker import processing
+from worker import notify, processing
 from worker.app import STANDALONE, app, settings
 from worker.policy import BATCH_LIMIT, DEFERRED, EVENT_FLUSH_S, TASK_TIME_LIMIT_S, Deferral
 from worker.queue.contract import APPLY_TASK
@@ -279,6 +279,7 @@ def run_batch(jobs: list[Job]) -> list[Traced]:
         # Nothing is lost: every message then runs as the task itself.
         log.exception("batch.failed")
         results = [None] * len(jobs)
+    notify.announce(app, settings, results)
     together = sum(result is not None for result in results)
     runtime = (monotonic() - started) / max(together, 1)
     traced: list[Traced] = []

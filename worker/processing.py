@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from sqlalchemy import Connection, Engine
 from sqlalchemy import exc as sa_exc
 
-from models import ledger, orders, store, trust
+from models import feed, ledger, orders, store, trust
 from models.db import autocommit, is_sqlite, make_engine, transaction
 from models.envelope import EventHeader, header_of, usable_text
 from models.errors import ConfigError, InvalidEvent, PermanentError, TransientError
@@ -81,6 +81,8 @@ class Result:
     changes: tuple[Change, ...] = ()
     event_type: str | None = None
     order_id: str | None = None
+    # The order's version after this event, when it changed the summary.
+    version: int | None = None
     # Not sealed by refundsync: never applied, and recorded apart from the events.
     refused: bool = False
 
@@ -314,7 +316,7 @@ def _record_and_apply(
             # Recording locked the event row: a concurrent copy waits there until this
             # transaction ends, then finds the outcome.
             verdict = _verdict(settings, header, delivery)
-            return _decide_and_save(conn, header.id, verdict, interpreted, state)
+            return _decide_and_save(conn, settings, header.id, verdict, interpreted, state)
 
     result = _db(run)
     _log_applied(result)
@@ -421,7 +423,7 @@ def _apply_together(db: Engine, settings: Settings, ready: list[_Ready]) -> list
             _decide(item.header.id, verdict, item.interpreted, states)
             for item, verdict in zip(ready, verdicts, strict=True)
         ]
-        _save(conn, before, states, decided)
+        _save(conn, settings, before, states, decided)
     return [done.result for done in decided]
 
 
@@ -532,7 +534,7 @@ def _apply_in(
     if outcome in FINAL_OUTCOMES:
         return Result(event_id, outcome, duplicate=True)
     interpreted = None if verdict is not None else _interpret(settings, data)
-    return _decide_and_save(conn, event_id, verdict, interpreted)
+    return _decide_and_save(conn, settings, event_id, verdict, interpreted)
 
 
 def _interpret(settings: Settings, data: Any) -> tuple[Envelope, Plan | Ignore]:
@@ -562,8 +564,8 @@ class _Decided:
     # The event's outcome to record; None when there is nothing to record (a duplicate).
     finish: ledger.Finish | None = None
     history: tuple[dict[str, Any], ...] = ()
-    # The order whose state the event changed.
-    changed: str | None = None
+    # The order's state after the event, when the event changed it.
+    changed: OrderState | None = None
 
 
 def _decide(
@@ -593,28 +595,38 @@ def _decide(
         _decided(envelope, plan, decision),
         ledger.Finish(event_id, decision.outcome, order_id=plan.order_id),
         tuple(orders.history_rows(plan.order_id, event_id, changes)),
-        plan.order_id if changes else None,
+        decision.state if changes else None,
     )
 
 
 def _save(
     conn: Connection,
+    settings: Settings,
     before: dict[str, OrderState],
     after: dict[str, OrderState],
     decided: Sequence[_Decided],
 ) -> None:
-    """The one commit step: every write of the decided copies, sent together."""
-    changed = sorted({done.changed for done in decided if done.changed is not None})
+    """The one commit step: every write of the decided copies, sent together, with one
+    change of the feed for each copy that changed its order."""
+    deliver = settings.notify_url is not None
+    feed_rows = [
+        feed.change_row(done.changed, done.result.event_id, deliver=deliver)
+        for done in decided
+        if done.changed is not None
+    ]
+    changed = sorted({done.changed.order_id for done in decided if done.changed is not None})
     store.save_all(
         conn,
         [(before[order_id], after[order_id]) for order_id in changed],
         [row for done in decided for row in done.history],
         [done.finish for done in decided if done.finish is not None],
+        feed_rows,
     )
 
 
 def _decide_and_save(
     conn: Connection,
+    settings: Settings,
     event_id: str,
     verdict: Result | None,
     interpreted: tuple[Envelope, Plan | Ignore] | None,
@@ -630,7 +642,7 @@ def _decide_and_save(
         )
     before = dict(states)
     decided = _decide(event_id, verdict, interpreted, states)
-    _save(conn, before, states, [decided])
+    _save(conn, settings, before, states, [decided])
     return decided.result
 
 
@@ -641,6 +653,7 @@ def _decided(envelope: Envelope, plan: Plan, decision: Decision) -> Result:
         changes=decision.changes,
         event_type=envelope.type,
         order_id=plan.order_id,
+        version=decision.state.version if decision.changes else None,
     )
 
 

@@ -3,21 +3,38 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Task
 from celery.exceptions import Reject, Retry
 
-from models import ledger
+from models import feed, ledger, outbox
 from models.db import transaction
 from models.errors import Deferred, TransientError
 from models.logs import bound
-from worker import processing
+from worker import notify, processing
 from worker.app import app, settings
-from worker.policy import DEFERRED, Deferral, handed_back, retry_countdown
+from worker.policy import (
+    DEFERRED,
+    MAX_RETRY_COUNTDOWN_S,
+    Deferral,
+    handed_back,
+    retry_countdown,
+)
 from worker.pool import PrivateRequest
-from worker.queue.contract import APPLY_TASK, PENDING_CHECK_TASK, RECONCILE_TASK, SWEEP_TASK
+from worker.queue.contract import (
+    APPLY_TASK,
+    NOTIFY_SWEEP_TASK,
+    NOTIFY_TASK,
+    PENDING_CHECK_TASK,
+    PURGE_TASK,
+    RECONCILE_TASK,
+    SWEEP_TASK,
+    notify_options,
+)
 from worker.queue.republish import Sender
+from worker.queue.republish import announce as publish_announcements
 from worker.reconcile import pending
 from worker.reconcile.run import RECONCILE_SOFT_TIME_LIMIT_S, RECONCILE_TIME_LIMIT_S, run_scheduled
 
@@ -55,6 +72,7 @@ def _apply_event(self: Task[Any, Any], copy: processing.Copy) -> str:
     body = copy.body
     try:
         result = processing.process(settings, copy)
+        notify.announce(app, settings, [result])
     except TransientError as exc:
         return _retry(self, exc, event_id=processing.event_id_of(body))
     except Exception as exc:
@@ -160,3 +178,65 @@ def check_pending_refunds() -> int:
 def sender(source: str) -> Sender:
     """Publishes events.apply messages from this worker, sealed with the newest queue key."""
     return Sender(app, processing.queue_keys(settings).signing_key(), settings.queue, source)
+
+
+@app.task(
+    name=NOTIFY_TASK,
+    ignore_result=True,
+    # Taken on receipt: a delivery lost with its worker is redone from its lease's end by the
+    # sweep, and a message handed to a second worker would only wait on the lease.
+    acks_late=False,
+    soft_time_limit=notify.task_time_limit(settings) - 5,
+    time_limit=notify.task_time_limit(settings),
+)
+def deliver_changes(order_key: str, version: int) -> str:
+    """POST the order's changes up to `version` to the commerce system (worker.notify)."""
+    with bound(order_id=order_key, version=str(version)):
+        done = notify.deliver(settings, processing.engine(settings), order_key, version)
+    if done.more:
+        publish_announcements(app, settings.queue, {order_key: version})
+    elif done.retry_in_s is not None and done.retry_in_s <= MAX_RETRY_COUNTDOWN_S:
+        # Sooner than the sweep would: a short backoff waits in the worker (longer ones would
+        # outlast the visibility timeout, and are the sweep's).
+        app.send_task(
+            NOTIFY_TASK,
+            args=[order_key, version],
+            queue=settings.queue,
+            countdown=max(done.retry_in_s, 0.0),
+            **notify_options(order_key, version),
+        )
+    return f"delivered={done.delivered}"
+
+
+@app.task(name=NOTIFY_SWEEP_TASK, ignore_result=True)
+def sweep_deliveries() -> int:
+    """Publish the deliveries that are due: retries whose time came, announcements lost."""
+    now = datetime.now(UTC)
+    with transaction(processing.engine(settings)) as conn:
+        due = outbox.due_heads(
+            conn, now, notify.announce_after_seconds(settings), limit=SWEEP_BATCH
+        )
+    publish_announcements(app, settings.queue, dict(due))
+    if due:
+        log.info("notify.swept", extra={"count": len(due)})
+    return len(due)
+
+
+# Changes removed per transaction by the retention purge.
+PURGE_BATCH = 5000
+
+
+@app.task(name=PURGE_TASK, ignore_result=True)
+def purge_changes() -> int:
+    """Remove changes older than REFUNDSYNC_CHANGES_RETENTION_DAYS, oldest first."""
+    before = datetime.now(UTC) - timedelta(days=settings.changes_retention_days)
+    total = 0
+    while True:
+        with transaction(processing.engine(settings)) as conn:
+            removed = feed.purge(conn, before, PURGE_BATCH)
+        total += removed
+        if removed < PURGE_BATCH:
+            break
+    if total:
+        log.info("changes.purged", extra={"count": total})
+    return total

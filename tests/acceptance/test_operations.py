@@ -8,7 +8,6 @@ emails and addresses, which must not appear in Flower, in logs or in metrics.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ import pytest
 from sqlalchemy import Engine, text
 
 from tests import deadlines, support
+
+_metric = support.metric
 
 EMAIL = "jane.doe+refund@example.com"
 STREET = "221B Baker Street"
@@ -182,20 +183,6 @@ def _up(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code < 500
     except httpx.HTTPError:
         return False
-
-
-def _metric(url: str, name: str, **labels: str) -> float:
-    """The sum of a metric's samples whose labels include `labels`."""
-    text = httpx.get(url, timeout=5).text
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)$", line)
-        if not match or match.group(1) != name:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(match.group(3))
-    return total
 
 
 def _flower(observed: Observed, path: str) -> httpx.Response:

@@ -9,13 +9,14 @@ import random
 import tempfile
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
 
-from models import ledger, views
+from models import feed, ledger, views
 from models.migrate import upgrade
 from models.outcome import Outcome
 from models.settings import Settings
@@ -149,3 +150,44 @@ def test_bad_input_of_the_new_kinds_fails_with_its_reason_and_changes_nothing(
     assert record is not None
     assert record["outcome"] == "failed"
     assert reason in (record["error"] or "")
+
+
+def test_the_feed_holds_each_change_once_in_version_order_and_expires_with_retention(
+    settings: Settings, engine: Engine
+) -> None:
+    rng = random.Random(23)
+    orders = [f"feed-{uuid.uuid4().hex[:8]}-{n}" for n in range(4)]
+    events = [event for order_id in orders for event in eventgen.order_history(rng, order_id, 8)]
+    copies = events + rng.sample(events, 8)
+    rng.shuffle(copies)
+    with engine.connect() as conn:
+        start = feed.read(conn, None, 1000).next
+    for event in copies:
+        processing.process(settings, _copy(engine, event))
+
+    seen: list[dict[str, Any]] = []
+    cursor = start
+    with engine.connect() as conn:
+        while page := feed.read(conn, cursor, 5).changes:
+            seen += page
+            cursor = feed.Cursor.parse(page[-1]["cursor"])
+        current = {order_id: views.order_summary(conn, order_id) for order_id in orders}
+    assert [c["cursor"] for c in seen] == sorted({c["cursor"] for c in seen}, key=feed.Cursor.parse)
+    for order_id in orders:
+        mine = [c for c in seen if c["orderId"] == order_id]
+        assert [c["version"] for c in mine] == list(range(1, len(mine) + 1))
+        assert mine[-1]["version"] == (current[order_id] or {})["version"]
+        assert {**mine[-1]["summary"], "updatedAt": None} == {
+            **(current[order_id] or {}),
+            "updatedAt": None,
+        }
+
+    with engine.begin() as conn:
+        removed = feed.purge(conn, datetime.now(UTC) + timedelta(days=1), 10_000)
+    assert removed >= len(seen)
+    with engine.connect() as conn, pytest.raises(feed.CursorExpired):
+        feed.read(conn, start, 10)
+    with engine.connect() as conn:
+        fresh = feed.read(conn, None, 10)
+    assert fresh.changes == []
+    assert fresh.next >= cursor

@@ -24,6 +24,9 @@ APPLY_TASK = "events.apply"
 SWEEP_TASK = "events.sweep"
 RECONCILE_TASK = "reconcile.events"
 PENDING_CHECK_TASK = "refunds.check_pending"
+NOTIFY_TASK = "notify.deliver"
+NOTIFY_SWEEP_TASK = "notify.sweep"
+PURGE_TASK = "changes.purge"
 
 _SEAL_VERSION = "v1="
 
@@ -38,6 +41,12 @@ def apply_options(event_id: str, event_type: str) -> dict[str, Any]:
         "argsrepr": repr((event_id[:255], event_type[:255])),
         "kwargsrepr": "{}",
     }
+
+
+def notify_options(order_key: str, version: int) -> dict[str, Any]:
+    """Publish options for a notify.deliver message: monitors show the change it is for."""
+    label = f"{order_key[:255]}@{version}"
+    return {"argsrepr": repr((label,)), "kwargsrepr": "{}"}
 
 
 def _mac(key: bytes, body: str, received_at: str, source: str) -> bytes:

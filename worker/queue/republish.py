@@ -5,14 +5,20 @@ else."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
 from celery import Celery
 
 from models.ledger import StoredEvent
-from worker.queue.contract import APPLY_TASK, apply_args, apply_options
+from worker.queue.contract import (
+    APPLY_TASK,
+    NOTIFY_TASK,
+    apply_args,
+    apply_options,
+    notify_options,
+)
 
 
 @dataclass(frozen=True)
@@ -41,3 +47,14 @@ class Sender:
             self(event.payload, event.id, event.type, event.received_at)
             count += 1
         return count
+
+
+def announce(app: Celery, queue: str, newest: Mapping[str, int]) -> None:
+    """Queue one notify.deliver message per order: its changes up to `newest[order]`."""
+    for order_key, version in newest.items():
+        app.send_task(
+            NOTIFY_TASK,
+            args=[order_key, version],
+            queue=queue,
+            **notify_options(order_key, version),
+        )
