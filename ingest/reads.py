@@ -205,7 +205,7 @@ async def list_changes(request: Request) -> Response:
         return error(410, "cursor_expired", str(exc))
     except SQLAlchemyError as exc:
         return _database_error(exc)
-    return ok({"changes": page.changes, "next": page.next.text})
+    return Response(page.encoded(), media_type="application/json")
 
 
 async def ready(request: Request) -> Response:

@@ -134,11 +134,24 @@ def insert_statement(dialect: str) -> Insert:
     return insert(changes).values(values)
 
 
-def change_json(row: Any) -> dict[str, Any]:
-    """The contract's change: the feed's item and an outbound webhook's `data`."""
-    changed_at = iso(row.changed_at)
-    summary = row.summary if isinstance(row.summary, dict) else orjson.loads(row.summary)
-    summary["updatedAt"] = changed_at
+# How change_row leaves the summary's updatedAt, which read time fills in.
+_UNSET_UPDATED_AT = '"updatedAt":null'
+
+
+def _summary_text(row: Any) -> str:
+    """The stored summary's JSON with its updatedAt: the change's time. The top level's
+    updatedAt is the last one in the text (only `version` follows it, and a nested one, in
+    a refund's metadata say, comes before), so the text needs no parsing."""
+    head, marker, tail = row.summary.rpartition(_UNSET_UPDATED_AT)
+    if not marker:
+        return str(row.summary)
+    return f'{head}"updatedAt":"{iso(row.changed_at)}"{tail}'
+
+
+def change_json(row: Any, *, encoded: bool = False) -> dict[str, Any]:
+    """The contract's change: the feed's item and an outbound webhook's `data`. With
+    `encoded`, its summary stays JSON text (orjson.Fragment) for orjson to write as it is."""
+    text = _summary_text(row)
     invoice = row.kind == "invoice"
     return {
         "cursor": Cursor(row.xid, row.id).text,
@@ -147,8 +160,8 @@ def change_json(row: Any) -> dict[str, Any]:
         "upstreamId": row.upstream_id,
         "version": row.version,
         "eventId": row.event_id,
-        "changedAt": changed_at,
-        "summary": summary,
+        "changedAt": iso(row.changed_at),
+        "summary": orjson.Fragment(text) if encoded else orjson.loads(text),
     }
 
 
@@ -161,16 +174,26 @@ COLUMNS = (
     changes.c.version,
     changes.c.event_id,
     changes.c.changed_at,
-    changes.c.summary,
+    # As stored: JSON text, never parsed on the way out (change_json).
+    cast(changes.c.summary, Text).label("summary"),
 )
 
 
 @dataclass(frozen=True)
 class Page:
-    """A read of the feed: its changes in cursor order, and where the next read starts."""
+    """A read of the feed: its rows in cursor order, and where the next read starts."""
 
-    changes: list[dict[str, Any]]
+    rows: list[Any]
     next: Cursor
+
+    @property
+    def changes(self) -> list[dict[str, Any]]:
+        return [change_json(row) for row in self.rows]
+
+    def encoded(self) -> bytes:
+        """The `GET /changes` answer."""
+        changes = [change_json(row, encoded=True) for row in self.rows]
+        return orjson.dumps({"changes": changes, "next": self.next.text})
 
 
 def _purged(conn: Connection) -> Cursor | None:
@@ -195,9 +218,9 @@ def read(conn: Connection, after: Cursor | None, limit: int) -> Page:
     )
     if conn.dialect.name == "postgresql":
         query = query.where(changes.c.xid < _HORIZON)
-    found = [change_json(row) for row in conn.execute(query)]
-    last = Cursor.parse(found[-1]["cursor"]) if found else after or purged or START
-    return Page(found, last)
+    rows = list(conn.execute(query))
+    last = Cursor(rows[-1].xid, rows[-1].id) if rows else after or purged or START
+    return Page(rows, last)
 
 
 def lag_seconds(conn: Connection, now: datetime) -> float:

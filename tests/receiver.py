@@ -32,6 +32,8 @@ class Received:
     # What the Standard Webhooks reference implementation said of its signature on arrival
     # ("ok", or its error): it refuses a timestamp more than 5 minutes off.
     verified: str
+    # time.time() on arrival, for latencies against other processes' clocks.
+    epoch: float
 
     @property
     def data(self) -> dict[str, Any]:
@@ -94,7 +96,9 @@ class Receiver:
         except Exception as exc:  # noqa: BLE001 - recorded, and asserted by the tests
             verified = f"{type(exc).__name__}: {exc}"
         with self._lock:
-            self.received.append(Received(time.monotonic(), headers, body, status, verified))
+            self.received.append(
+                Received(time.monotonic(), headers, body, status, verified, time.time())
+            )
         if self.mode == "hang":
             self._release.wait(120)
             return

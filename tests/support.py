@@ -186,7 +186,13 @@ class Process:
     """A refundsync subprocess whose output goes to a log file."""
 
     def __init__(
-        self, name: str, args: list[str], env: Mapping[str, str], *, module: bool = True
+        self,
+        name: str,
+        args: list[str],
+        env: Mapping[str, str],
+        *,
+        module: bool = True,
+        cwd: Path | None = None,
     ) -> None:
         self.name = name
         self.log_path = Path(tempfile.mkstemp(prefix=f"refundsync-{name}-", suffix=".log")[1])
@@ -202,6 +208,8 @@ class Process:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # Another checkout's code, for a benchmark's baseline (its modules come first).
+            cwd=cwd,
         )
 
     def log(self) -> str:
@@ -250,7 +258,13 @@ def start_ingest(env: Mapping[str, str]) -> tuple[Process, str]:
     return process, base
 
 
-def start_worker(env: Mapping[str, str], name: str, concurrency: int = 1, *extra: str) -> Process:
+def start_worker(
+    env: Mapping[str, str],
+    name: str,
+    concurrency: int = 1,
+    *extra: str,
+    cwd: Path | None = None,
+) -> Process:
     """A `refundsync worker`, once it is ready; stopped again if it never gets there."""
     process = Process(
         f"worker-{name}",
@@ -265,6 +279,7 @@ def start_worker(env: Mapping[str, str], name: str, concurrency: int = 1, *extra
             *extra,
         ],
         env,
+        cwd=cwd,
     )
     try:
         process.wait_for_log("ready.", timeout=deadlines.PROCESS_START_S)

@@ -3,10 +3,17 @@ settings that turn them on, and the change feed's answers to bad requests."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,12 +24,13 @@ from models import feed
 from models.outbox import Attempt
 from models.settings import Settings
 from models.tables import changes
-from tests import support
+from tests import deadlines, support
 from tests.receiver import SECRET, Receiver
 from tests.support import API_TOKEN, Stack
 from worker import notify
 
 TIMEOUT_S = 1.0
+OTHER_SECRET = "whsec_" + "B" * 43 + "="
 CHANGE = {
     "cursor": "42-7",
     "orderId": "ord-1",
@@ -235,3 +243,45 @@ def test_a_change_committed_behind_an_open_transaction_waits_for_it(stack: Stack
         blocker.rollback()
     released, _ = _read_to_end(stack, held_cursor)
     assert order_key in {change["orderId"] for change in released}
+
+
+def test_the_example_receiver_keeps_each_orders_newest_summary(tmp_path: Path) -> None:
+    """docs/examples/receiver.py, as a merchant would run it, fed retries and changes out
+    of order: it keeps the newest version, and refuses a request signed with another key."""
+    port = support.free_port()
+    db = tmp_path / "shop.db"
+    script = Path(__file__).resolve().parents[2] / "docs" / "examples" / "receiver.py"
+    env = {**os.environ, "REFUNDSYNC_NOTIFY_SECRET": SECRET}
+    process = subprocess.Popen(
+        [sys.executable, str(script), "--port", str(port), "--db", str(db)], env=env
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        support.wait_for(
+            lambda: _listening(port), timeout=deadlines.LOCAL_PROCESS_S, what="the receiver"
+        )
+        notify.reset()
+        settings = Settings(REFUNDSYNC_NOTIFY_URL=url, REFUNDSYNC_NOTIFY_SECRET=SECRET)
+        changes_sent = [
+            {**CHANGE, "cursor": f"1-{v}", "version": v, "summary": {"version": v}}
+            for v in (1, 3, 2, 3, 1)
+        ]
+        for change in changes_sent:
+            assert notify.post(settings, change, datetime.now(UTC)).status == 204
+        notify.reset()
+        forged = Settings(REFUNDSYNC_NOTIFY_URL=url, REFUNDSYNC_NOTIFY_SECRET=OTHER_SECRET)
+        newer = {**CHANGE, "cursor": "1-9", "version": 9, "summary": {"version": 9}}
+        assert notify.post(forged, newer, datetime.now(UTC)).status == 401
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        notify.reset()
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT order_key, version, summary FROM refund_summaries").fetchall()
+    assert rows == [("ord-1", 3, '{"version": 3}')]
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+        return True
+    return False

@@ -4,11 +4,15 @@ attempt (delivered, retried after a backoff with jitter, or dead)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
+import orjson
 import pytest
 
+from models import feed
 from models.feed import Cursor, InvalidCursor
 from models.outbox import DEAD, DELIVERED, PENDING, Attempt, Step, next_step
+from models.rules import OrderState
 
 T0 = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 DAY = 86_400.0
@@ -84,3 +88,32 @@ def test_a_retry_is_never_later_than_the_max_age_and_after_it_the_change_is_dead
     assert _step(500, 31, T0 + timedelta(seconds=3 * DAY)).delivery == DEAD
     # A 2xx at the last moment still counts.
     assert _step(200, 31, T0 + timedelta(seconds=4 * DAY)).delivery == DELIVERED
+
+
+def _row(summary: dict[str, object]) -> SimpleNamespace:
+    return SimpleNamespace(
+        id=2,
+        xid=1,
+        order_key="ord-1",
+        kind="order",
+        upstream_id=None,
+        version=2,
+        event_id="evt-1",
+        changed_at=T0,
+        summary=orjson.dumps(summary).decode(),
+    )
+
+
+def test_a_change_carries_its_time_as_the_summarys_updated_at_and_nothing_nested_moves() -> None:
+    state = OrderState("ord-1", currency="USD", version=2)
+    stored = feed.change_row(state, "evt-1", deliver=False)
+    summary = orjson.loads(stored["summary"])
+    # The invariant the splice relies on: the top level's updatedAt is the last in the text.
+    assert list(summary)[-2:] == ["updatedAt", "version"]
+    summary["refunds"] = [{"id": "re-1", "metadata": {"updatedAt": None}}]
+    change = feed.change_json(_row(summary))
+    assert change["summary"]["updatedAt"] == "2026-12-07T12:00:00Z"
+    assert change["summary"]["refunds"][0]["metadata"] == {"updatedAt": None}
+    assert change["changedAt"] == change["summary"]["updatedAt"]
+    encoded = orjson.loads(orjson.dumps(feed.change_json(_row(summary), encoded=True)))
+    assert encoded == change
