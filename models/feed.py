@@ -204,11 +204,9 @@ def _purged(conn: Connection) -> Cursor | None:
 def read(conn: Connection, after: Cursor | None, limit: int) -> Page:
     """Up to `limit` changes after `after` (from the oldest kept when None).
 
-    Raises CursorExpired when retention removed changes the reader has not seen.
-    """
-    purged = _purged(conn)
-    if after is not None and purged is not None and after < purged:
-        raise CursorExpired("the cursor is older than the changes kept; read from the start")
+    Raises CursorExpired when retention removed changes the reader has not seen, and
+    InvalidCursor for a cursor past every change written (a mistyped one would skip
+    changes as they come)."""
     start = after or START
     query = (
         select(*COLUMNS)
@@ -219,8 +217,25 @@ def read(conn: Connection, after: Cursor | None, limit: int) -> Page:
     if conn.dialect.name == "postgresql":
         query = query.where(changes.c.xid < _HORIZON)
     rows = list(conn.execute(query))
-    last = Cursor(rows[-1].xid, rows[-1].id) if rows else after or purged or START
-    return Page(rows, last)
+    # The mark after the rows: a purge that committed between the two makes this answer 410
+    # rather than hand out rows past changes it removed unseen.
+    purged = _purged(conn)
+    if after is not None and purged is not None and after < purged:
+        raise CursorExpired("the cursor is older than the changes kept; read from the start")
+    if rows:
+        return Page(rows, Cursor(rows[-1].xid, rows[-1].id))
+    if after is not None and after > max(_newest(conn), purged or START):
+        raise InvalidCursor("the cursor is past every change written")
+    return Page(rows, after or purged or START)
+
+
+def _newest(conn: Connection) -> Cursor:
+    row = conn.execute(
+        select(changes.c.xid, changes.c.id)
+        .order_by(changes.c.xid.desc(), changes.c.id.desc())
+        .limit(1)
+    ).first()
+    return START if row is None else Cursor(row.xid, row.id)
 
 
 def lag_seconds(conn: Connection, now: datetime) -> float:
@@ -237,16 +252,20 @@ def lag_seconds(conn: Connection, now: datetime) -> float:
 def purge(conn: Connection, before: datetime, batch: int) -> int:
     """Remove up to `batch` of the oldest changes made before `before`, with their
     delivery attempts, and move the expiry mark past them; returns how many went."""
-    rows = conn.execute(
-        select(changes.c.id, changes.c.xid, changes.c.changed_at)
+    query = (
+        select(changes.c.id, changes.c.xid, changes.c.changed_at, changes.c.delivery)
         .order_by(changes.c.xid, changes.c.id)
         .limit(batch)
-    ).all()
+    )
+    if conn.dialect.name == "postgresql":
+        # Never past what readers can have been given.
+        query = query.where(changes.c.xid < _HORIZON)
     # Changes leave in feed order, so a cursor before the mark is exactly one that missed
-    # some; changed_at only roughly follows that order, so the first newer one stops it.
+    # some. changed_at only roughly follows that order, so the first newer one stops it; so
+    # does one still being delivered (an operator may have sent an old one again).
     gone: list[Any] = []
-    for row in rows:
-        if row.changed_at >= before:
+    for row in conn.execute(query):
+        if row.changed_at >= before or row.delivery == "pending":
             break
         gone.append(row)
     if not gone:

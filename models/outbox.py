@@ -35,6 +35,8 @@ class Head:
     attempt: int
     # Deliveries are retried until this long after it (REFUNDSYNC_NOTIFY_MAX_AGE_SECONDS).
     since: datetime
+    # Until when this worker holds the order.
+    lease: datetime
 
 
 @dataclass(frozen=True)
@@ -88,17 +90,17 @@ def _since(row: Any) -> datetime:
     return since
 
 
-def lease_head(
-    conn: Connection, order_key: str, up_to: int, now: datetime, lease_s: float
-) -> Head | None:
-    """Lease the order's oldest undelivered change; None when it has none up to version
-    `up_to`, or when another worker holds its lease. The row is locked until the caller
-    commits."""
+def lease_head(conn: Connection, order_key: str, now: datetime, lease_s: float) -> Head | None:
+    """Lease the order's oldest undelivered change. None when it has none, when its retry
+    is not due yet, or when a worker holds a lease on any of the order's changes (so one
+    order's changes are never POSTed at once, even after an operator sent an older one
+    again). The head's row stays locked until the caller commits, which serializes two
+    workers leasing one order."""
     row = conn.execute(
         select(
             *feed.COLUMNS,
             changes.c.attempts,
-            changes.c.leased_until,
+            changes.c.next_attempt_at,
             changes.c.redelivered_at,
         )
         .where(changes.c.order_key == order_key, changes.c.delivery == PENDING)
@@ -106,22 +108,32 @@ def lease_head(
         .limit(1)
         .with_for_update()
     ).first()
-    if row is None or row.version > up_to:
+    if row is None or (row.next_attempt_at is not None and row.next_attempt_at > now):
         return None
-    if row.leased_until is not None and row.leased_until > now:
+    leased = conn.execute(
+        select(changes.c.id)
+        .where(
+            changes.c.order_key == order_key,
+            changes.c.delivery == PENDING,
+            changes.c.leased_until > now,
+        )
+        .limit(1)
+    ).first()
+    if leased is not None:
         return None
+    lease = now + timedelta(seconds=lease_s)
     conn.execute(
         update(changes)
         .where(changes.c.id == row.id)
-        .values(leased_until=now + timedelta(seconds=lease_s), attempts=row.attempts + 1)
+        .values(leased_until=lease, attempts=row.attempts + 1)
     )
-    return Head(
-        feed.change_json(row), row.id, order_key, row.version, row.attempts + 1, _since(row)
-    )
+    attempt = row.attempts + 1
+    return Head(feed.change_json(row), row.id, order_key, row.version, attempt, _since(row), lease)
 
 
 def record(conn: Connection, head: Head, attempt: Attempt, step: Step, now: datetime) -> None:
-    """Keep the attempt, and where the change's delivery now stands (its lease released)."""
+    """Keep the attempt, and where the change's delivery now stands (its lease released),
+    unless the lease was lost meanwhile: the state is then its new holder's to write."""
     conn.execute(
         insert(deliveries).values(
             change_id=head.change_id,
@@ -134,7 +146,7 @@ def record(conn: Connection, head: Head, attempt: Attempt, step: Step, now: date
     )
     conn.execute(
         update(changes)
-        .where(changes.c.id == head.change_id)
+        .where(changes.c.id == head.change_id, changes.c.leased_until == head.lease)
         .values(
             delivery=step.delivery,
             next_attempt_at=step.next_attempt_at,
@@ -147,10 +159,11 @@ def record(conn: Connection, head: Head, attempt: Attempt, step: Step, now: date
 def due_heads(
     conn: Connection, now: datetime, announce_after_s: float, limit: int
 ) -> list[tuple[str, int]]:
-    """Orders whose head is due and not leased: a retry whose time came, or a change whose
-    announcement was lost (none went out `announce_after_s` after it). Each is marked as
-    announced again for `announce_after_s`, so the next sweep does not send it twice."""
+    """Orders whose head is due and not leased, and was not announced in the last
+    `announce_after_s`: a retry whose time came, or a change whose announcement was lost
+    (no task took it up that long after it). Each is marked as announced now."""
     earlier = aliased(changes)
+    announced_before = now - timedelta(seconds=announce_after_s)
     heads = conn.execute(
         select(changes.c.id, changes.c.order_key, changes.c.version)
         .where(
@@ -161,13 +174,9 @@ def due_heads(
                 earlier.c.version < changes.c.version,
             ),
             or_(changes.c.leased_until.is_(None), changes.c.leased_until <= now),
-            or_(
-                changes.c.next_attempt_at <= now,
-                and_(
-                    changes.c.next_attempt_at.is_(None),
-                    changes.c.changed_at <= now - timedelta(seconds=announce_after_s),
-                ),
-            ),
+            or_(changes.c.next_attempt_at.is_(None), changes.c.next_attempt_at <= now),
+            changes.c.changed_at <= announced_before,
+            or_(changes.c.announced_at.is_(None), changes.c.announced_at <= announced_before),
         )
         .limit(limit)
     ).all()
@@ -175,7 +184,7 @@ def due_heads(
         conn.execute(
             update(changes)
             .where(changes.c.id.in_([row.id for row in heads]))
-            .values(next_attempt_at=now + timedelta(seconds=announce_after_s))
+            .values(announced_at=now)
         )
     return [(row.order_key, row.version) for row in heads]
 
@@ -244,9 +253,10 @@ def failing(conn: Connection, *, dead_only: bool, limit: int) -> list[Undelivere
 def redeliver(
     conn: Connection, cursors: list[feed.Cursor] | None, now: datetime
 ) -> list[tuple[feed.Cursor, str, int]]:
-    """Send changes again: the ones named (delivered or dead alike), or every dead one when
-    `cursors` is None. Their deliveries' age counts from now; returns each one's cursor,
-    order and version."""
+    """Send changes again: the ones named (delivered, dead, or never sent because webhooks
+    were off where they were written), or every dead one when `cursors` is None. Each is
+    tried at once and then backs off as a new one, for the max age from now; a lease in
+    force is kept. Returns each one's cursor, order and version."""
     target = (
         changes.c.delivery == DEAD
         if cursors is None
@@ -256,13 +266,8 @@ def redeliver(
     )
     rows = conn.execute(
         update(changes)
-        .where(target, changes.c.delivery.is_not(None))
-        .values(
-            delivery=PENDING,
-            next_attempt_at=now,
-            leased_until=None,
-            redelivered_at=now,
-        )
+        .where(target)
+        .values(delivery=PENDING, next_attempt_at=None, attempts=0, redelivered_at=now)
         .returning(changes.c.xid, changes.c.id, changes.c.order_key, changes.c.version)
     ).all()
     return [(feed.Cursor(row.xid, row.id), row.order_key, row.version) for row in rows]

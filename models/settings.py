@@ -105,6 +105,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "REFUNDSYNC_NOTIFY_URL and REFUNDSYNC_NOTIFY_SECRET must be set together"
             )
+        if self.changes_retention_days * 86_400 < self.notify_max_age_seconds:
+            raise ValueError(
+                "REFUNDSYNC_CHANGES_RETENTION_DAYS must keep changes at least as long as"
+                " REFUNDSYNC_NOTIFY_MAX_AGE_SECONDS retries them"
+            )
         return self
 
     def secrets(self) -> list[str]:

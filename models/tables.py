@@ -297,6 +297,7 @@ changes = Table(
     _timestamp("next_attempt_at"),
     _timestamp("leased_until"),
     _timestamp("delivered_at"),
+    Column("announced_at", UtcTimestamp(), comment="when the sweep last published it"),
     Column(
         "redelivered_at",
         UtcTimestamp(),

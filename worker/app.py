@@ -120,12 +120,13 @@ def create_app(settings: Settings) -> Celery:
         "schedule": 3600.0,
         "options": {"expires": 3600.0},
     }
-    if settings.notify_url is not None:
-        app.conf.beat_schedule["sweep-deliveries"] = {
-            "task": NOTIFY_SWEEP_TASK,
-            "schedule": float(settings.sweep_interval_seconds),
-            "options": {"expires": float(settings.sweep_interval_seconds)},
-        }
+    # Always: whether webhooks are on is the workers' setting (beat holds no secret), and a
+    # sweep with nothing to send is one indexed query.
+    app.conf.beat_schedule["sweep-deliveries"] = {
+        "task": NOTIFY_SWEEP_TASK,
+        "schedule": float(settings.sweep_interval_seconds),
+        "options": {"expires": float(settings.sweep_interval_seconds)},
+    }
     if settings.dr_api_key is not None:
         # Reconciliation with DR's Events API needs a key; without one it is off
         # (docs/reconciliation.md).

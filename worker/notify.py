@@ -2,11 +2,12 @@
 Standard Webhooks way, order by order (models.outbox), with backoff up to
 REFUNDSYNC_NOTIFY_MAX_AGE_SECONDS.
 
-A task `notify.deliver(order, version)` delivers the order's changes up to that version,
-head first; the worker applying events announces each order it changed after its commit,
-and beat's sweep publishes what is due again (a retry whose time came, an announcement
-lost with its worker). The receiver's errors are its own: they are recorded and retried,
-and never reach the apply path.
+A task `notify.deliver(order, version)` delivers the order's undelivered changes, oldest
+first (the version names the change that announced it, for monitors). The worker applying
+events announces each order it changed after its commit; a failed POST schedules its own
+retry when the wait is short; beat's sweep publishes what is due again (a longer retry, an
+announcement lost with its worker). The receiver's errors are its own: they are recorded
+and retried, and never reach the apply path.
 """
 
 from __future__ import annotations
@@ -70,9 +71,10 @@ _client: _Client | None = None
 
 
 def reset() -> None:
-    """Forget this process's HTTP client (connections must never cross a fork)."""
-    global _client
+    """Forget this process's HTTP client (connections must never cross a fork) and pause."""
+    global _client, _pause
     _client = None
+    _pause = _Pause()
 
 
 def _client_for(settings: Settings) -> _Client:
@@ -132,6 +134,35 @@ def _ms(started: float) -> int:
     return int((monotonic() - started) * 1000)
 
 
+@dataclass
+class _Pause:
+    """This process's pause after POSTs that got no answer at all (refused, timed out).
+
+    Each order's retries back off on their own, but a receiver that is down or hangs fails
+    every order's head alike: without a pause, each order's first attempts would cost a
+    pool process a timeout each, and the events waiting behind them would wait too. So
+    after such a failure this process makes no POST for a while (doubling with each one in
+    a row, with jitter, up to the backoff cap); one answer of any kind ends it.
+    """
+
+    failures: int = 0
+    until: float = 0.0
+
+    def left(self) -> float:
+        return self.until - monotonic()
+
+    def after(self, attempt: outbox.Attempt, cap_s: float) -> None:
+        if attempt.status is not None:
+            self.failures, self.until = 0, 0.0
+            return
+        self.failures += 1
+        pause = min(cap_s, outbox.FIRST_BACKOFF_S * 2 ** min(self.failures - 1, 40))
+        self.until = monotonic() + pause * (0.5 + random.random() / 2)  # noqa: S311
+
+
+_pause = _Pause()
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What a delivery task did: changes delivered, and whether more of the order remain."""
@@ -141,9 +172,10 @@ class Outcome:
     more: bool = False
 
 
-def deliver(settings: Settings, engine: Any, order_key: str, version: int) -> Outcome:
-    """Deliver the order's changes, head first, until `version` is delivered or dead, the
-    head fails (its retry is scheduled), or another worker holds the order."""
+def deliver(settings: Settings, engine: Any, order_key: str) -> Outcome:
+    """Deliver the order's changes, head first, until none is left, the head fails (its
+    retry is scheduled) or is not due, another worker holds the order, or this task's time
+    is up (the rest goes to a new task)."""
     if settings.notify_url is None:
         return Outcome()
     delivered = 0
@@ -152,9 +184,12 @@ def deliver(settings: Settings, engine: Any, order_key: str, version: int) -> Ou
         if monotonic() - started > settings.notify_timeout_seconds:
             # The rest goes to a new task: this one stays inside its time limit.
             return Outcome(delivered, more=True)
+        if _pause.left() > 0:
+            # Left to the sweep, which publishes the order again once its head is due.
+            return Outcome(delivered)
         now = datetime.now(UTC)
         with transaction(engine) as conn:
-            head = outbox.lease_head(conn, order_key, version, now, lease_seconds(settings))
+            head = outbox.lease_head(conn, order_key, now, lease_seconds(settings))
         if head is None:
             return Outcome(delivered)
         attempt = post(settings, head.change, now)
@@ -171,12 +206,11 @@ def deliver(settings: Settings, engine: Any, order_key: str, version: int) -> Ou
         with transaction(engine) as conn:
             outbox.record(conn, head, attempt, step, done_at)
         _observe(head, attempt, step)
+        _pause.after(attempt, settings.notify_backoff_max_seconds)
         if step.delivery == outbox.PENDING:
             assert step.next_attempt_at is not None  # noqa: S101 - pending has a time
             return Outcome(delivered, (step.next_attempt_at - done_at).total_seconds())
         delivered += step.delivery == outbox.DELIVERED
-        if head.version == version:
-            return Outcome(delivered)
 
 
 def _observe(head: outbox.Head, attempt: outbox.Attempt, step: outbox.Step) -> None:

@@ -183,16 +183,17 @@ def sender(source: str) -> Sender:
 @app.task(
     name=NOTIFY_TASK,
     ignore_result=True,
-    # Taken on receipt: a delivery lost with its worker is redone from its lease's end by the
-    # sweep, and a message handed to a second worker would only wait on the lease.
+    # Taken on receipt: a delivery lost with its worker is redone by the sweep once its
+    # lease has ended (a copy Redis handed to a second worker would find the order leased).
     acks_late=False,
     soft_time_limit=notify.task_time_limit(settings) - 5,
     time_limit=notify.task_time_limit(settings),
 )
 def deliver_changes(order_key: str, version: int) -> str:
-    """POST the order's changes up to `version` to the commerce system (worker.notify)."""
+    """POST the order's undelivered changes, oldest first, to the commerce system
+    (worker.notify); `version` is the change that announced this task, for monitors."""
     with bound(order_id=order_key, version=str(version)):
-        done = notify.deliver(settings, processing.engine(settings), order_key, version)
+        done = notify.deliver(settings, processing.engine(settings), order_key)
     if done.more:
         publish_announcements(app, settings.queue, {order_key: version})
     elif done.retry_in_s is not None and done.retry_in_s <= MAX_RETRY_COUNTDOWN_S:
@@ -202,7 +203,8 @@ def deliver_changes(order_key: str, version: int) -> str:
             NOTIFY_TASK,
             args=[order_key, version],
             queue=settings.queue,
-            countdown=max(done.retry_in_s, 0.0),
+            # A moment past the retry time: a head not yet due is left alone.
+            countdown=max(done.retry_in_s, 0.0) + 0.1,
             **notify_options(order_key, version),
         )
     return f"delivered={done.delivered}"
@@ -211,6 +213,8 @@ def deliver_changes(order_key: str, version: int) -> str:
 @app.task(name=NOTIFY_SWEEP_TASK, ignore_result=True)
 def sweep_deliveries() -> int:
     """Publish the deliveries that are due: retries whose time came, announcements lost."""
+    if settings.notify_url is None:
+        return 0
     now = datetime.now(UTC)
     with transaction(processing.engine(settings)) as conn:
         due = outbox.due_heads(

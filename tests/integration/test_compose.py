@@ -30,6 +30,8 @@ OPERATOR_ENV = {
     "REFUNDSYNC_API_TOKEN": "token",
     "DR_API_KEY": "sk_test_key",
     "FLOWER_BASIC_AUTH": "op:pw",
+    "REFUNDSYNC_NOTIFY_URL": "https://shop.example.com/hooks/refundsync",
+    "REFUNDSYNC_NOTIFY_SECRET": "whsec_c2hvcC1leGFtcGxlLXNlY3JldC0zMmJ5dGVzISE=",
 }
 # Compose refuses to start without these.
 REQUIRED = ["POSTGRES_PASSWORD", "REDIS_PASSWORD", "DR_WEBHOOK_SECRETS", "FLOWER_BASIC_AUTH"]
@@ -42,6 +44,8 @@ SECRET_HOLDERS = {
     # The worker runs the reconcile task; beat schedules it only when the key is set.
     "DR_API_KEY": {"worker", "beat"},
     "FLOWER_BASIC_AUTH": {"flower"},
+    # The workers POST changes; beat's sweep runs on them too.
+    "REFUNDSYNC_NOTIFY_SECRET": {"worker"},
 }
 DATABASE_URL = "postgresql://refundsync:pgpw0123@postgres:5432/refundsync"
 REDIS_URL = "redis://:redispw0123@redis:6379/0"

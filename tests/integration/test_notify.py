@@ -177,6 +177,7 @@ def _changes(stack: Stack, **params: str) -> httpx.Response:
         ({"after": "abc"}, 400, "invalid_cursor"),
         ({"after": "1-2-3"}, 400, "invalid_cursor"),
         ({"after": "99999999999999999999-1"}, 400, "invalid_cursor"),
+        ({"after": "9223372036854775807-1"}, 400, "invalid_cursor"),
         ({"limit": "0"}, 400, "invalid_limit"),
         ({"limit": "1001"}, 400, "invalid_limit"),
         ({"limit": "ten"}, 400, "invalid_limit"),

@@ -117,3 +117,18 @@ def test_a_change_carries_its_time_as_the_summarys_updated_at_and_nothing_nested
     assert change["changedAt"] == change["summary"]["updatedAt"]
     encoded = orjson.loads(orjson.dumps(feed.change_json(_row(summary), encoded=True)))
     assert encoded == change
+
+
+def test_a_process_pauses_its_posts_after_no_answer_and_resumes_on_any_answer() -> None:
+    from worker.notify import _Pause
+
+    pause = _Pause()
+    assert pause.left() <= 0
+    pause.after(Attempt(None, 1000, "ConnectError: refused"), cap_s=60)
+    first = pause.left()
+    assert 0.4 < first <= 1.0
+    for _ in range(10):
+        pause.after(Attempt(None, 1000, "ReadTimeout"), cap_s=60)
+    assert 29 < pause.left() <= 60
+    pause.after(Attempt(503, 5, "HTTP 503"), cap_s=60)
+    assert pause.left() <= 0

@@ -52,6 +52,9 @@ def upgrade() -> None:
         sa.Column("leased_until", sa.DateTime(timezone=True)),
         sa.Column("delivered_at", sa.DateTime(timezone=True)),
         sa.Column(
+            "announced_at", sa.DateTime(timezone=True), comment="when the sweep last published it"
+        ),
+        sa.Column(
             "redelivered_at",
             sa.DateTime(timezone=True),
             comment="when an operator sent it again; its deliveries' age counts from then",
