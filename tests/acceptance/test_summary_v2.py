@@ -163,6 +163,8 @@ def test_rebuild_carries_stored_orders_forward(stack: Stack) -> None:
             ),
             {"id": order_id},
         )
+        # Nor had it a change feed.
+        conn.execute(text("DELETE FROM changes WHERE order_key = :id"), {"id": order_id})
     assert stack.api(f"/orders/{order_id}").json()["upstreamId"] is None
 
     result = support.run_cli(stack.env, "order", "rebuild", "--batch", "7")
@@ -170,8 +172,16 @@ def test_rebuild_carries_stored_orders_forward(stack: Stack) -> None:
     assert result.stdout.startswith("rebuild: orders=")
     rebuilt = stack.api(f"/orders/{order_id}").json()
     assert eventgen.comparable(rebuilt) == eventgen.comparable(expected)
-    # An order stored before versions existed: the rebuild is its first versioned change.
+    # An order stored before versions existed: the rebuild is its first versioned change,
+    # and the feed has it (made by no event).
     assert rebuilt["version"] == 1
+    with stack.engine.connect() as conn:
+        fed = conn.execute(
+            text("SELECT version, event_id, summary::text FROM changes WHERE order_key = :id"),
+            {"id": order_id},
+        ).all()
+    assert [(row.version, row.event_id) for row in fed] == [(1, None)]
+    assert eventgen.comparable(json.loads(fed[0].summary)) == eventgen.comparable(rebuilt)
     assert stack.api(f"/orders?upstreamId={upstream_id}").json()[0]["orderId"] == order_id
 
     # Rebuilt already: a second run changes nothing, and no version moves.
