@@ -26,9 +26,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import random
+import signal
+import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -46,14 +50,43 @@ from models.migrate import upgrade
 from models.payloads import Envelope, as_utc, load_json
 from models.rules import EventRef, Ignore, OrderState, apply, interpret
 from tests import eventgen, support
-from tests.receiver import SECRET, Receiver
+from tests.receiver import SECRET
 
 # The commit before the change feed: the throughput baseline.
 BEFORE = "4210356"
 
 
-def _notify_env(receiver: Receiver) -> dict[str, str]:
-    return {"REFUNDSYNC_NOTIFY_URL": receiver.url, "REFUNDSYNC_NOTIFY_SECRET": SECRET}
+class SinkProcess:
+    """bench.sink on a free port, in a process of its own."""
+
+    def __init__(self) -> None:
+        self.port = support.free_port()
+        handle, name = tempfile.mkstemp(prefix="refundsync-sink-", suffix=".tsv")
+        os.close(handle)
+        self.out = Path(name)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.sink", str(self.port), str(self.out)],
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        support.wait_for(self._listening, timeout=10, what="the sink")
+
+    def _listening(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1):
+            return True
+        return False
+
+    @property
+    def env(self) -> dict[str, str]:
+        url = f"http://127.0.0.1:{self.port}/hooks"
+        return {"REFUNDSYNC_NOTIFY_URL": url, "REFUNDSYNC_NOTIFY_SECRET": SECRET}
+
+    def stop(self) -> list[tuple[float, str]]:
+        """Every request's arrival time and eventId."""
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        lines = self.out.read_text().splitlines()
+        self.out.unlink()
+        return [(float(at), event_id) for at, event_id in (line.split("\t") for line in lines)]
 
 
 def _count(url: str, sql: str, *params: Any) -> int:
@@ -72,11 +105,11 @@ def _drain(variant: str, bodies: list[bytes], tree: Path | None) -> tuple[float,
         stack.callback(redis.cleanup)
         upgrade(db.url)
         extra: dict[str, str] = {"REFUNDSYNC_MAX_RETRIES": "100"}
-        receiver = None
+        sink = None
         if variant == "on":
-            receiver = Receiver().start()
-            stack.callback(receiver.stop)
-            extra |= _notify_env(receiver)
+            sink = SinkProcess()
+            stack.callback(sink.stop)
+            extra |= sink.env
         env = support.service_env(db.url, redis.url, **extra)
         published = datetime.now(UTC)
         support.publish_all(redis.url, db.url, bodies)
@@ -95,7 +128,7 @@ def _drain(variant: str, bodies: list[bytes], tree: Path | None) -> tuple[float,
                 )
                 if done >= len(bodies):
                     applied = time.monotonic() - started
-                    if receiver is None:
+                    if sink is None:
                         return len(bodies) / applied, None
             if applied is not None:
                 waiting = _count(url, "SELECT count(*) FROM changes WHERE delivery = 'pending'")
@@ -160,15 +193,16 @@ def throughput(args: argparse.Namespace) -> None:
 def _latency_run(run: int, args: argparse.Namespace, rng: random.Random) -> tuple[Any, Any]:
     warmup = int(2 * args.rate)
     events = make_events(rng, run, warmup + int(args.seconds * args.rate))
-    receiver = Receiver().start()
+    sink = SinkProcess()
+    arrivals: list[tuple[float, str]] = []
     with contextlib.ExitStack() as stack:
-        stack.callback(receiver.stop)
+        stack.callback(lambda: arrivals.extend(sink.stop()))
         db = support.Database().create()
         stack.callback(db.drop)
         redis = support.RedisServer().start()
         stack.callback(redis.cleanup)
         upgrade(db.url)
-        env = support.service_env(db.url, redis.url, **_notify_env(receiver))
+        env = support.service_env(db.url, redis.url, **sink.env)
         ingest, base = support.start_ingest(env)
         stack.callback(ingest.stop)
         worker = support.start_worker(env, "lat", 2)
@@ -190,8 +224,8 @@ def _latency_run(run: int, args: argparse.Namespace, rng: random.Random) -> tupl
                 (accepted,),
             ).fetchall()
     first: dict[str, float] = {}
-    for request in receiver.delivered():
-        first.setdefault(request.data["eventId"], request.epoch)
+    for at, event_id in arrivals:
+        first.setdefault(event_id, at)
     applied = [(float(p) - float(r)) * 1000 for _, r, p in rows]
     delivered = [(first[i] - float(r)) * 1000 for i, r, _ in rows if i in first]
     missing = len(rows) - len(delivered)
@@ -247,11 +281,15 @@ def _fill(url: str, rows: int) -> list[str]:
             conn.execute(
                 "INSERT INTO changes (order_key, kind, version, event_id, summary)"
                 " SELECT 'ord-' || g, 'order', 1, 'evt-' || g, %s::json"
-                " FROM generate_series(%s, %s) g",
+                " FROM generate_series(%s::int, %s::int) g",
                 (summary, start, min(rows, start + 10_000) - 1),
             )
         conn.execute("VACUUM ANALYZE changes")
-        found = conn.execute("SELECT xid, id FROM changes TABLESAMPLE SYSTEM (1) LIMIT 1000")
+        # Cursors with at least a full page after them.
+        found = conn.execute(
+            "SELECT xid, id FROM changes WHERE id <= %s ORDER BY random() LIMIT 200",
+            (rows - 1000,),
+        )
         return [f"{xid}-{change_id}" for xid, change_id in found]
 
 

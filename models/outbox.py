@@ -9,14 +9,16 @@ never send one order's changes at once; a worker that dies leaves a lease that e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, exists, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, exists, func, insert, or_, select, update
 from sqlalchemy.orm import aliased
 
 from models import feed
+from models.db import Params, execute_all
 from models.tables import changes, deliveries
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
@@ -90,70 +92,135 @@ def _since(row: Any) -> datetime:
     return since
 
 
-def lease_head(conn: Connection, order_key: str, now: datetime, lease_s: float) -> Head | None:
-    """Lease the order's oldest undelivered change. None when it has none, when its retry
-    is not due yet, or when a worker holds a lease on any of the order's changes (so one
-    order's changes are never POSTed at once, even after an operator sent an older one
-    again). The head's row stays locked until the caller commits, which serializes two
-    workers leasing one order."""
-    row = conn.execute(
-        select(
-            *feed.COLUMNS,
-            changes.c.attempts,
-            changes.c.next_attempt_at,
-            changes.c.redelivered_at,
-        )
-        .where(changes.c.order_key == order_key, changes.c.delivery == PENDING)
-        .order_by(changes.c.version)
-        .limit(1)
-        .with_for_update()
-    ).first()
-    if row is None or (row.next_attempt_at is not None and row.next_attempt_at > now):
-        return None
-    leased = conn.execute(
-        select(changes.c.id)
-        .where(
-            changes.c.order_key == order_key,
-            changes.c.delivery == PENDING,
-            changes.c.leased_until > now,
-        )
-        .limit(1)
-    ).first()
-    if leased is not None:
-        return None
+def lease_heads(
+    conn: Connection, order_keys: Sequence[str], now: datetime, lease_s: float
+) -> list[Head]:
+    """Lease each named order's oldest undelivered change (its head), in one statement.
+
+    An order is skipped when its head's retry is not due yet, or when a worker holds a
+    lease on any of its changes (so one order's changes are never POSTed at once, even after
+    an operator sent an older one again). Two workers leasing one order meet on the head's
+    row: the second re-checks it once the first's lease is committed, and skips it.
+    """
+    earlier, leased = aliased(changes), aliased(changes)
     lease = now + timedelta(seconds=lease_s)
-    conn.execute(
+    rows = conn.execute(
         update(changes)
-        .where(changes.c.id == row.id)
-        .values(leased_until=lease, attempts=row.attempts + 1)
-    )
-    attempt = row.attempts + 1
-    return Head(feed.change_json(row), row.id, order_key, row.version, attempt, _since(row), lease)
+        .where(
+            changes.c.order_key.in_(list(order_keys)),
+            changes.c.delivery == PENDING,
+            ~exists().where(
+                earlier.c.order_key == changes.c.order_key,
+                earlier.c.delivery == PENDING,
+                earlier.c.version < changes.c.version,
+            ),
+            or_(changes.c.next_attempt_at.is_(None), changes.c.next_attempt_at <= now),
+            or_(changes.c.leased_until.is_(None), changes.c.leased_until <= now),
+            ~exists().where(
+                leased.c.order_key == changes.c.order_key,
+                leased.c.delivery == PENDING,
+                leased.c.leased_until > now,
+            ),
+        )
+        .values(leased_until=lease)
+        .returning(*feed.COLUMNS, changes.c.attempts, changes.c.redelivered_at)
+    ).all()
+    return [
+        Head(
+            feed.change_json(row),
+            row.id,
+            row.order_key,
+            row.version,
+            row.attempts + 1,
+            _since(row),
+            lease,
+        )
+        for row in sorted(rows, key=lambda row: row.order_key)
+    ]
 
 
-def record(conn: Connection, head: Head, attempt: Attempt, step: Step, now: datetime) -> None:
-    """Keep the attempt, and where the change's delivery now stands (its lease released),
-    unless the lease was lost meanwhile: the state is then its new holder's to write."""
-    conn.execute(
-        insert(deliveries).values(
-            change_id=head.change_id,
-            attempt=head.attempt,
-            attempted_at=now,
-            status_code=attempt.status,
-            latency_ms=attempt.latency_ms,
-            error=attempt.error,
-        )
+@dataclass(frozen=True)
+class Done:
+    """One leased head's attempt and what follows it; no attempt when it was not tried
+    (its lease is then only given back)."""
+
+    head: Head
+    attempt: Attempt | None
+    step: Step | None
+    at: datetime
+
+
+_RECORD = (
+    update(changes)
+    .where(changes.c.id == bindparam("b_id"), changes.c.leased_until == bindparam("b_lease"))
+    .values(
+        delivery=bindparam("b_delivery"),
+        next_attempt_at=bindparam("b_next"),
+        leased_until=None,
+        delivered_at=bindparam("b_delivered_at"),
+        attempts=changes.c.attempts + 1,
     )
-    conn.execute(
-        update(changes)
-        .where(changes.c.id == head.change_id, changes.c.leased_until == head.lease)
-        .values(
-            delivery=step.delivery,
-            next_attempt_at=step.next_attempt_at,
-            leased_until=None,
-            delivered_at=now if step.delivery == DELIVERED else None,
+)
+_RELEASE = (
+    update(changes)
+    .where(changes.c.id == bindparam("b_id"), changes.c.leased_until == bindparam("b_lease"))
+    .values(leased_until=None)
+)
+_ATTEMPT = insert(deliveries).values(
+    {
+        name: bindparam(name, type_=deliveries.c[name].type)
+        for name in ("change_id", "attempt", "attempted_at", "status_code", "latency_ms", "error")
+    }
+)
+
+
+def record(conn: Connection, done: Sequence[Done]) -> None:
+    """Keep the attempts, and where each change's delivery now stands (its lease released),
+    in one round trip. A change whose lease was lost meanwhile keeps its attempt in
+    `deliveries`, but its state is its new holder's to write."""
+    tried = [d for d in done if d.attempt is not None and d.step is not None]
+    writes: list[tuple[Any, Params]] = []
+    if tried:
+        writes.append(
+            (
+                _ATTEMPT,
+                [
+                    {
+                        "change_id": d.head.change_id,
+                        "attempt": d.head.attempt,
+                        "attempted_at": d.at,
+                        "status_code": d.attempt.status,
+                        "latency_ms": d.attempt.latency_ms,
+                        "error": d.attempt.error,
+                    }
+                    for d in tried
+                    if d.attempt is not None
+                ],
+            )
         )
-    )
+        writes.append(
+            (
+                _RECORD,
+                [
+                    {
+                        "b_id": d.head.change_id,
+                        "b_lease": d.head.lease,
+                        "b_delivery": d.step.delivery,
+                        "b_next": d.step.next_attempt_at,
+                        "b_delivered_at": d.at if d.step.delivery == DELIVERED else None,
+                    }
+                    for d in tried
+                    if d.step is not None
+                ],
+            )
+        )
+    untried = [
+        {"b_id": d.head.change_id, "b_lease": d.head.lease} for d in done if d.attempt is None
+    ]
+    if untried:
+        writes.append((_RELEASE, untried))
+    if writes:
+        execute_all(conn, writes)
 
 
 def due_heads(

@@ -31,7 +31,6 @@ from worker.queue.contract import (
     PURGE_TASK,
     RECONCILE_TASK,
     SWEEP_TASK,
-    notify_options,
 )
 from worker.queue.republish import Sender
 from worker.queue.republish import announce as publish_announcements
@@ -189,24 +188,25 @@ def sender(source: str) -> Sender:
     soft_time_limit=notify.task_time_limit(settings) - 5,
     time_limit=notify.task_time_limit(settings),
 )
-def deliver_changes(order_key: str, version: int) -> str:
-    """POST the order's undelivered changes, oldest first, to the commerce system
-    (worker.notify); `version` is the change that announced this task, for monitors."""
-    with bound(order_id=order_key, version=str(version)):
-        done = notify.deliver(settings, processing.engine(settings), order_key)
+def deliver_changes(changes: list[list[Any]]) -> str:
+    """POST these orders' undelivered changes, each order's oldest first, to the commerce
+    system (worker.notify). `changes` are the [order, version] pairs that announced it."""
+    order_keys = [str(change[0]) for change in changes]
+    done = notify.deliver(settings, processing.engine(settings), order_keys)
+    versions = {str(change[0]): int(change[1]) for change in changes}
     if done.more:
-        publish_announcements(app, settings.queue, {order_key: version})
-    elif done.retry_in_s is not None and done.retry_in_s <= MAX_RETRY_COUNTDOWN_S:
-        # Sooner than the sweep would: a short backoff waits in the worker (longer ones would
-        # outlast the visibility timeout, and are the sweep's).
-        app.send_task(
-            NOTIFY_TASK,
-            args=[order_key, version],
-            queue=settings.queue,
-            # A moment past the retry time: a head not yet due is left alone.
-            countdown=max(done.retry_in_s, 0.0) + 0.1,
-            **notify_options(order_key, version),
-        )
+        publish_announcements(app, settings.queue, {key: versions.get(key, 0) for key in done.more})
+    for order_key, wait in done.retry_in_s.items():
+        if wait <= MAX_RETRY_COUNTDOWN_S:
+            # Sooner than the sweep would: a short backoff waits in the worker (longer ones
+            # would outlast the visibility timeout, and are the sweep's). A moment past the
+            # retry time: a head not yet due is left alone.
+            publish_announcements(
+                app,
+                settings.queue,
+                {order_key: versions.get(order_key, 0)},
+                countdown=max(wait, 0.0) + 0.1,
+            )
     return f"delivered={done.delivered}"
 
 

@@ -51,7 +51,9 @@ def _order(engine: Engine, versions: int) -> str:
 
 def _lease(engine: Engine, order_key: str, now: datetime = T0) -> outbox.Head | None:
     with engine.begin() as conn:
-        return outbox.lease_head(conn, order_key, now, LEASE_S)
+        heads = outbox.lease_heads(conn, [order_key], now, LEASE_S)
+    assert len(heads) <= 1
+    return heads[0] if heads else None
 
 
 def _record(engine: Engine, head: outbox.Head, status: int | None, now: datetime = T0) -> None:
@@ -60,7 +62,7 @@ def _record(engine: Engine, head: outbox.Head, status: int | None, now: datetime
         attempt, head.attempt, head.since, now, max_age_s=3600, backoff_max_s=60, jitter=0.0
     )
     with engine.begin() as conn:
-        outbox.record(conn, head, attempt, step, now)
+        outbox.record(conn, [outbox.Done(head, attempt, step, now)])
 
 
 def _states(engine: Engine, order_key: str) -> list[tuple[int, str | None, int]]:
@@ -84,7 +86,7 @@ def test_an_orders_changes_are_leased_one_at_a_time_in_version_order(engine: Eng
     second = _lease(engine, order_key)
     assert second is not None
     assert second.version == 2
-    assert _states(engine, order_key) == [(1, "delivered", 1), (2, "pending", 1), (3, "pending", 0)]
+    assert _states(engine, order_key) == [(1, "delivered", 1), (2, "pending", 0), (3, "pending", 0)]
 
 
 def test_a_failed_head_is_not_leased_again_before_its_retry_and_holds_the_rest(
@@ -109,14 +111,15 @@ def test_an_expired_lease_is_taken_over_and_the_old_holder_writes_nothing(engine
     assert taken is not None
     _record(engine, first, 500)  # the first holder comes back late, with a failure
     _record(engine, taken, 200, T0 + timedelta(seconds=LEASE_S + 2))
-    assert _states(engine, order_key) == [(1, "delivered", 2)]
+    # The late holder's attempt is kept, but only the holder's outcome counts.
+    assert _states(engine, order_key) == [(1, "delivered", 1)]
     with engine.connect() as conn:
         kept = conn.execute(
             select(deliveries.c.attempt, deliveries.c.status_code)
             .where(deliveries.c.change_id == taken.change_id)
             .order_by(deliveries.c.id)
         ).all()
-    assert [tuple(row) for row in kept] == [(1, 500), (2, 200)]
+    assert [(row.attempt, row.status_code) for row in kept] == [(1, 500), (1, 200)]
 
 
 def test_an_older_change_sent_again_waits_while_a_later_one_is_in_flight(engine: Engine) -> None:
@@ -142,7 +145,7 @@ def test_dead_changes_are_sent_again_as_new_ones(engine: Engine) -> None:
     assert head is not None
     attempt = outbox.Attempt(None, 3, "ConnectError")
     with engine.begin() as conn:
-        outbox.record(conn, head, attempt, outbox.Step(outbox.DEAD), T0)
+        outbox.record(conn, [outbox.Done(head, attempt, outbox.Step(outbox.DEAD), T0)])
     with engine.connect() as conn:
         listed = outbox.failing(conn, dead_only=True, limit=1000)
     assert (order_key, 1, "ConnectError") in {(f.order_key, f.version, f.error) for f in listed}
@@ -181,3 +184,18 @@ def test_retention_never_removes_a_change_still_being_delivered(engine: Engine) 
     with engine.connect() as conn:
         left = conn.execute(select(changes.c.version).where(changes.c.order_key == order_key)).all()
     assert len(left) == 1
+
+
+def test_orders_are_leased_together_and_a_lease_given_back_untried_counts_no_attempt(
+    engine: Engine,
+) -> None:
+    first, second = _order(engine, 2), _order(engine, 1)
+    with engine.begin() as conn:
+        heads = outbox.lease_heads(conn, [second, first, "unknown"], T0, LEASE_S)
+    assert [(h.order_key, h.version) for h in heads] == sorted([(first, 1), (second, 1)])
+    with engine.begin() as conn:
+        outbox.record(conn, [outbox.Done(h, None, None, T0) for h in heads])
+    assert _states(engine, first) == [(1, "pending", 0), (2, "pending", 0)]
+    again = _lease(engine, first)
+    assert again is not None
+    assert (again.version, again.attempt) == (1, 1)

@@ -43,10 +43,13 @@ def apply_options(event_id: str, event_type: str) -> dict[str, Any]:
     }
 
 
-def notify_options(order_key: str, version: int) -> dict[str, Any]:
-    """Publish options for a notify.deliver message: monitors show the change it is for."""
-    label = f"{order_key[:255]}@{version}"
-    return {"argsrepr": repr((label,)), "kwargsrepr": "{}"}
+def notify_options(changes: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    """Publish options for a notify.deliver message: monitors show the changes that
+    announced it (order and version), never a summary."""
+    labels = [f"{order_key[:255]}@{version}" for order_key, version in changes[:10]]
+    if len(changes) > 10:
+        labels.append(f"+{len(changes) - 10} more")
+    return {"argsrepr": repr((labels,)), "kwargsrepr": "{}"}
 
 
 def _mac(key: bytes, body: str, received_at: str, source: str) -> bytes:

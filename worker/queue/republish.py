@@ -49,12 +49,22 @@ class Sender:
         return count
 
 
-def announce(app: Celery, queue: str, newest: Mapping[str, int]) -> None:
-    """Queue one notify.deliver message per order: its changes up to `newest[order]`."""
-    for order_key, version in newest.items():
+# Orders per notify.deliver message: one task leases and POSTs them together.
+ANNOUNCE_BATCH = 50
+
+
+def announce(
+    app: Celery, queue: str, newest: Mapping[str, int], countdown: float | None = None
+) -> None:
+    """Queue notify.deliver messages for these orders (each with the newest version that
+    announced it), ANNOUNCE_BATCH orders to a message."""
+    changes = sorted(newest.items())
+    for start in range(0, len(changes), ANNOUNCE_BATCH):
+        batch = changes[start : start + ANNOUNCE_BATCH]
         app.send_task(
             NOTIFY_TASK,
-            args=[order_key, version],
+            args=[[list(change) for change in batch]],
             queue=queue,
-            **notify_options(order_key, version),
+            countdown=countdown,
+            **notify_options(batch),
         )
