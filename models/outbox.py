@@ -39,6 +39,8 @@ class Head:
     since: datetime
     # Until when this worker holds the order.
     lease: datetime
+    # The order has later changes waiting.
+    more: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,22 +94,13 @@ def _since(row: Any) -> datetime:
     return since
 
 
-def lease_heads(
-    conn: Connection, order_keys: Sequence[str], now: datetime, lease_s: float
-) -> list[Head]:
-    """Lease each named order's oldest undelivered change (its head), in one statement.
-
-    An order is skipped when its head's retry is not due yet, or when a worker holds a
-    lease on any of its changes (so one order's changes are never POSTed at once, even after
-    an operator sent an older one again). Two workers leasing one order meet on the head's
-    row: the second re-checks it once the first's lease is committed, and skips it.
-    """
-    earlier, leased = aliased(changes), aliased(changes)
-    lease = now + timedelta(seconds=lease_s)
-    rows = conn.execute(
+def _lease_statement() -> Any:
+    earlier, leased, later = aliased(changes), aliased(changes), aliased(changes)
+    now = bindparam("now", type_=changes.c.leased_until.type)
+    return (
         update(changes)
         .where(
-            changes.c.order_key.in_(list(order_keys)),
+            changes.c.order_key.in_(bindparam("keys", expanding=True)),
             changes.c.delivery == PENDING,
             ~exists().where(
                 earlier.c.order_key == changes.c.order_key,
@@ -122,9 +115,39 @@ def lease_heads(
                 leased.c.leased_until > now,
             ),
         )
-        .values(leased_until=lease)
-        .returning(*feed.COLUMNS, changes.c.attempts, changes.c.redelivered_at)
-    ).all()
+        .values(leased_until=bindparam("lease", type_=changes.c.leased_until.type))
+        .returning(
+            *feed.COLUMNS,
+            changes.c.attempts,
+            changes.c.redelivered_at,
+            exists()
+            .where(
+                later.c.order_key == changes.c.order_key,
+                later.c.delivery == PENDING,
+                later.c.version > changes.c.version,
+            )
+            .label("more"),
+        )
+    )
+
+
+# Built once: an UPDATE with three correlated subqueries takes SQLAlchemy longer to build
+# than Postgres to run.
+_LEASE = _lease_statement()
+
+
+def lease_heads(
+    conn: Connection, order_keys: Sequence[str], now: datetime, lease_s: float
+) -> list[Head]:
+    """Lease each named order's oldest undelivered change (its head), in one statement.
+
+    An order is skipped when its head's retry is not due yet, or when a worker holds a
+    lease on any of its changes (so one order's changes are never POSTed at once, even after
+    an operator sent an older one again). Two workers leasing one order meet on the head's
+    row: the second re-checks it once the first's lease is committed, and skips it.
+    """
+    lease = now + timedelta(seconds=lease_s)
+    rows = conn.execute(_LEASE, {"keys": list(order_keys), "now": now, "lease": lease}).all()
     return [
         Head(
             feed.change_json(row),
@@ -134,6 +157,7 @@ def lease_heads(
             row.attempts + 1,
             _since(row),
             lease,
+            bool(row.more),
         )
         for row in sorted(rows, key=lambda row: row.order_key)
     ]

@@ -253,7 +253,8 @@ def deliver(settings: Settings, engine: Any, order_keys: list[str]) -> Outcome:
                 retry[item.head.order_key] = (item.step.next_attempt_at - item.at).total_seconds()
             else:
                 delivered += item.step.delivery == outbox.DELIVERED
-                waiting.append(item.head.order_key)
+                if item.head.more:
+                    waiting.append(item.head.order_key)
     return Outcome(delivered, retry)
 
 
