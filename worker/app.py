@@ -231,6 +231,10 @@ def _serve_metrics(**_: object) -> None:
 
 
 def _pool_process_gone(pid: int | None = None, **_: object) -> None:
+    from worker import notify
+
+    # A pool process that stops in order leaves no announcement unpublished.
+    notify.flush()
     telemetry.forget_process(pid or os.getpid())
 
 
