@@ -1,11 +1,14 @@
 """Benchmark 1: ingest throughput and latency against its ceiling and a naive peer.
 
     .venv/bin/python -m bench.ingest [--runs 3] [--seconds 10] [--connections 32]
+        [--baseline DIR]
 
 Each server runs under the same uvicorn settings (one process, httptools, no access log)
 against a private Redis; wrk (Debian's package) drives 32 connections with signed DR
 payloads of 2-4 KB, each with its own event id. Prints requests/s, p50 and p99 per server
-(medians over the runs) and the ratios to the two baselines.
+(medians over the runs) and the ratios to the two baselines. With `--baseline DIR` (a
+checkout of another tree, e.g. `git worktree add DIR <commit>`), that tree's ingest runs
+too, in each round, and its ratios are printed beside this tree's.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from models.signature import sign
 from tests import eventgen, support
 
 SECRET = "whsec_bench"
+BASELINE = "baseline tree's ingest"
 SERVERS = {
     "ceiling (trivial ASGI)": "bench.peers:ceiling",
     "naive (FastAPI + send_task)": "bench.peers:naive",
@@ -90,7 +94,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--baseline", type=Path, help="a checkout of the tree to compare with")
     args = parser.parse_args()
+    servers = {name: (target, None) for name, target in SERVERS.items()}
+    if args.baseline:
+        servers[BASELINE] = ("ingest.app:app", args.baseline.resolve())
     if not shutil.which("wrk"):
         sys.exit("bench: wrk is needed (apt-get install wrk)")
     work = Path(tempfile.mkdtemp(prefix="refundsync-bench-"))
@@ -101,10 +109,10 @@ def main() -> None:
     # The ingest seals each message with the queue key the migrations create.
     upgrade(db.url)
     env = support.service_env(db.url, redis.url, DR_WEBHOOK_SECRETS=SECRET)
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in SERVERS}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
     try:
         for run in range(args.runs):
-            for name, target in SERVERS.items():
+            for name, (target, tree) in servers.items():
                 port = support.free_port()
                 server = subprocess.Popen(
                     [
@@ -125,6 +133,8 @@ def main() -> None:
                     env=env,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
+                    # The baseline's modules come first on its path.
+                    cwd=tree,
                 )
                 base = f"http://127.0.0.1:{port}"
                 support.wait_for(lambda b=base: _up(b), timeout=30, what=name)
@@ -159,6 +169,11 @@ def main() -> None:
     print(
         f"refundsync / naive   = {ours['rps'] / medians['naive (FastAPI + send_task)']['rps']:.2f}"
     )
+    if BASELINE in medians:
+        base_rps = medians[BASELINE]["rps"]
+        ceiling = medians["ceiling (trivial ASGI)"]["rps"]
+        print(f"baseline / ceiling   = {base_rps / ceiling:.2f}")
+        print(f"refundsync / baseline = {ours['rps'] / base_rps:.2f}")
 
 
 def _up(base: str) -> bool:

@@ -18,11 +18,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ingest import reads, webhook
-from ingest.metrics import StateCollector, exposition
+from ingest.metrics import JOURNAL_UNREADABLE, StateCollector, exposition, journal_full
 from ingest.reads import ReadDatabase
 from ingest.responses import error, ok
 from models import logs, trust
 from models.settings import Settings, load_or_exit
+from worker.queue.connect import refuse_untrusted_redis
 from worker.queue.keys import QueueKeys
 from worker.queue.publish import BrokerUnavailable, EventQueue, event_queue, signing_key
 
@@ -39,9 +40,10 @@ async def metrics(request: Request) -> Response:
     publisher: EventQueue = request.app.state.publisher
     try:
         depth = await publisher.queue_depth()
+        journal = await publisher.journal_state()
     except BrokerUnavailable:
-        depth = -1
-    body = await run_in_threadpool(exposition, request.app.state.metrics, depth)
+        depth, journal = -1, JOURNAL_UNREADABLE
+    body = await run_in_threadpool(exposition, request.app.state.metrics, depth, journal)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
@@ -76,7 +78,7 @@ def create_app(settings: Settings) -> ASGIApp:
     """The app for `settings`; the webhook route needs a secret and a broker URL."""
     read_db = ReadDatabase(settings.database_url or "")
     keys = QueueKeys(lambda: read_db.query(trust.load_keys))
-    publisher = event_queue(settings.redis_url or "", settings.queue, keys)
+    publisher = event_queue(settings, keys, on_unjournaled=journal_full)
     endpoint = webhook.WebhookEndpoint(settings, publisher)
 
     @asynccontextmanager
@@ -131,7 +133,9 @@ def __getattr__(name: str) -> ASGIApp:
     if name != "app":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     logs.configure()
-    built = create_app(load_or_exit("REDIS_URL", "DATABASE_URL", "DR_WEBHOOK_SECRETS"))
+    settings = load_or_exit("REDIS_URL", "DATABASE_URL", "DR_WEBHOOK_SECRETS")
+    refuse_untrusted_redis(settings)
+    built = create_app(settings)
     # Built once: from now on `app` is an attribute like any other.
     globals()["app"] = built
     return built

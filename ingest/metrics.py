@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
@@ -18,6 +20,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from models import feed, ledger, outbox
 from models.telemetry import service_registry
+from worker.queue.journal import State
+
+log = logging.getLogger("refundsync.ingest")
 
 _SCRAPE = threading.Lock()
 
@@ -34,12 +39,31 @@ INGEST_SECONDS = Histogram(
 )
 
 
+JOURNAL_FULL = Counter(
+    "refundsync_journal_full_total",
+    "Events queued without a journal entry: the journal held REFUNDSYNC_JOURNAL_MAX_ENTRIES",
+)
+# The journal as /metrics shows it when Redis does not answer.
+JOURNAL_UNREADABLE = State(-1, -1.0)
+_full_logged = 0.0
+
+
+def journal_full(count: int) -> None:
+    """Count events queued without a journal entry; log it at most once a minute."""
+    global _full_logged
+    JOURNAL_FULL.inc(count)
+    if time.monotonic() - _full_logged >= 60:
+        _full_logged = time.monotonic()
+        log.error("journal.full", extra={"unjournaled": count})
+
+
 class StateCollector(Collector):
     """Gauges of what is waiting and what failed, read from Redis and Postgres per scrape."""
 
     def __init__(self, engine: Callable[[], Engine]) -> None:
         self._engine = engine
         self.queue_depth = 0
+        self.journal: State | None = None
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily(
@@ -47,6 +71,21 @@ class StateCollector(Collector):
         )
         depth.add_metric([], self.queue_depth)
         yield depth
+        if self.journal is not None:
+            size = GaugeMetricFamily(
+                "refundsync_journal_entries",
+                "Accepted events kept in the ingest's journal until Postgres records them"
+                " (-1: Redis down)",
+            )
+            size.add_metric([], self.journal.size)
+            oldest = GaugeMetricFamily(
+                "refundsync_journal_oldest_entry_age_seconds",
+                "Age of the journal's oldest entry, since written or last published again"
+                " (0: empty; -1: Redis down)",
+            )
+            oldest.add_metric([], self.journal.oldest_age_s)
+            yield size
+            yield oldest
         oldest = GaugeMetricFamily(
             "refundsync_oldest_unfinished_event_age_seconds",
             "Age of the oldest event received but not finished (0: none; -1: database down)",
@@ -96,15 +135,17 @@ class StateCollector(Collector):
         yield lag
 
 
-def exposition(state: StateCollector, queue_depth: int) -> bytes:
+def exposition(state: StateCollector, queue_depth: int, journal: State | None) -> bytes:
     """Every metric in Prometheus text format, added up over the service's processes.
 
-    `queue_depth` is read by the caller on the event loop (the Redis client is async).
+    `queue_depth` and `journal` are read by the caller on the event loop (the Redis client
+    is async); `journal` is None where the broker keeps none (the standalone mode).
     """
     registry = service_registry()
     # Scrapes run in threads; the state collector joins the shared registry one at a time.
     with _SCRAPE:
         state.queue_depth = queue_depth
+        state.journal = journal
         registry.register(state)
         try:
             return generate_latest(registry)

@@ -373,6 +373,14 @@ def stuck_events(conn: Connection, older_than_s: int, limit: int) -> list[Stored
     return [_stored(row) for row in conn.execute(query)]
 
 
+def recorded_ids(conn: Connection, event_ids: Sequence[str]) -> set[str]:
+    """Which of these event ids have an event row (the ingest's journal forgets those)."""
+    if not event_ids:
+        return set()
+    query = select(webhook_events.c.id).where(webhook_events.c.id.in_(list(event_ids)))
+    return {str(event_id) for event_id in conn.execute(query).scalars()}
+
+
 def requeue(conn: Connection, event_id: str) -> None:
     """Make an event unfinished again, with a fresh attempt budget, for a replay."""
     conn.execute(

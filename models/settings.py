@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from models.brokers import RedisTarget, redis_target
 from models.errors import ConfigError
 
 LiveMode = Literal["live", "test", "any"]
@@ -62,6 +63,12 @@ class Settings(BaseSettings):
     notify_backoff_max_seconds: int = Field(
         default=3600, ge=1, alias="REFUNDSYNC_NOTIFY_BACKOFF_MAX_SECONDS"
     )
+    redis_sentinel_master: str = Field(
+        default="mymaster", min_length=1, alias="REDIS_SENTINEL_MASTER"
+    )
+    redis_min_replicas: int = Field(default=0, ge=0, le=16, alias="REFUNDSYNC_REDIS_MIN_REPLICAS")
+    journal_grace_seconds: int = Field(default=120, ge=1, alias="REFUNDSYNC_JOURNAL_GRACE_SECONDS")
+    journal_max_entries: int = Field(default=200_000, ge=0, alias="REFUNDSYNC_JOURNAL_MAX_ENTRIES")
 
     @field_validator("dr_webhook_secrets", mode="before")
     @classmethod
@@ -70,7 +77,9 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("api_token", "dr_api_key", "notify_url", "notify_secret", mode="before")
+    @field_validator(
+        "redis_url", "api_token", "dr_api_key", "notify_url", "notify_secret", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -100,6 +109,19 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _redis_form(self) -> Settings:
+        if self.redis_url is not None and not _standalone(self.redis_url):
+            try:
+                redis_target(self.redis_url, self.redis_sentinel_master)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+    def broker(self) -> RedisTarget:
+        """Where this process finds Redis (REDIS_URL, REDIS_SENTINEL_MASTER)."""
+        return redis_target(self.redis_url or "", self.redis_sentinel_master)
+
+    @model_validator(mode="after")
     def _notify_pair(self) -> Settings:
         if (self.notify_url is None) != (self.notify_secret is None):
             raise ValueError(
@@ -115,6 +137,11 @@ class Settings(BaseSettings):
     def secrets(self) -> list[str]:
         """The webhook signing secrets in clear, for the signature check only."""
         return [secret.get_secret_value() for secret in self.dr_webhook_secrets]
+
+
+def _standalone(url: str) -> bool:
+    # The standalone mode's SQLite broker (worker.queue.sqlite_transport.SCHEME).
+    return url.startswith("refundsync-sqlite")
 
 
 _REQUIRED = {

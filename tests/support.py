@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,10 +70,15 @@ def wait_for(
 class RedisServer:
     """A private redis-server on a free port; never the machine's shared one."""
 
-    def __init__(self, *, appendonly: bool = False) -> None:
+    def __init__(
+        self, *, appendonly: bool = False, extra: Sequence[str] = (), password: str | None = None
+    ) -> None:
         self.port = free_port()
+        self.password = password
         self.dir = Path(tempfile.mkdtemp(prefix="refundsync-redis-"))
         self.appendonly = appendonly
+        # More redis-server options: a replica's `--replicaof`, TLS ports.
+        self.extra = list(extra)
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
@@ -94,6 +99,8 @@ class RedisServer:
                 "yes",
                 "--logfile",
                 str(self.dir / "redis.log"),
+                *self.extra,
+                *(("--requirepass", self.password) if self.password else ()),
             ],
             check=True,
         )
@@ -113,6 +120,7 @@ class RedisServer:
             text=True,
             check=True,
             timeout=10,
+            env={**os.environ, "REDISCLI_AUTH": self.password} if self.password else None,
         )
         if out.stdout.startswith("Could not connect"):
             raise subprocess.CalledProcessError(1, "redis-cli")
@@ -125,17 +133,215 @@ class RedisServer:
 
     def stop(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
-            subprocess.run(
-                ["redis-cli", "-p", str(self.port), "SHUTDOWN", "NOSAVE"],
-                capture_output=True,
-                timeout=10,
-                check=False,
-            )
+            self.cli("SHUTDOWN", "NOSAVE")
         wait_for(lambda: not self.ping(), timeout=deadlines.LOCAL_PROCESS_S, what="redis to stop")
 
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Stream:
+    """Senders posting events to an ingest as DR does: each event retried with a backoff
+    until it gets a 202, a pause after each."""
+
+    def __init__(self, base: str, bodies: list[bytes], *, pause: float, senders: int = 8) -> None:
+        self.base = base
+        self.pause = pause
+        self.accepted = 0
+        self.refused = 0
+        # The ids of the events that got their 202, in that order.
+        self.accepted_ids: list[str] = []
+        self._queue = list(bodies)
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._send) for _ in range(senders)]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def done(self) -> bool:
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        assert self.done, "a sender never got its 202"
+
+    def _send(self) -> None:
+        with httpx.Client(timeout=5) as client:
+            while True:
+                with self._lock:
+                    if not self._queue:
+                        return
+                    body = self._queue.pop()
+                delay = 0.2
+                while True:
+                    try:
+                        response = client.post(
+                            f"{self.base}/webhooks/digital-river",
+                            content=body,
+                            headers=signed_headers(body),
+                        )
+                        if response.status_code == 202:
+                            with self._lock:
+                                self.accepted += 1
+                                self.accepted_ids.append(response.json()["id"])
+                            break
+                        assert response.status_code == 503, response.text
+                        with self._lock:
+                            self.refused += 1
+                    except httpx.HTTPError:
+                        pass
+                    time.sleep(delay)
+                    delay = min(delay * 2, 2)
+                time.sleep(self.pause)
+
+
+class SentinelGroup:
+    """A Redis primary, one replica and three Sentinels watching them, on loopback; the
+    REDIS_URL that reaches the primary through them."""
+
+    MASTER = "mymaster"
+
+    def __init__(self) -> None:
+        self.primary = RedisServer()
+        self.replica = RedisServer()
+        self.dir = Path(tempfile.mkdtemp(prefix="refundsync-sentinel-"))
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.url = ";".join(f"sentinel://127.0.0.1:{port}" for port in self.sentinel_ports)
+        self.url += "/0"
+
+    def start(self) -> SentinelGroup:
+        self.primary.start()
+        self.replica.extra = ["--replicaof", "127.0.0.1", str(self.primary.port)]
+        self.replica.start()
+        wait_for(
+            lambda: "master_link_status:up" in self.replica.cli("INFO", "replication"),
+            timeout=deadlines.LOCAL_PROCESS_S,
+            what="the replica in sync",
+        )
+        for port in self.sentinel_ports:
+            config = self.dir / f"sentinel-{port}.conf"
+            # Sentinel rewrites its configuration file as it learns: one each, writable.
+            config.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                f"logfile {self.dir / f'sentinel-{port}.log'}\n"
+                f"sentinel monitor {self.MASTER} 127.0.0.1 {self.primary.port} 2\n"
+                f"sentinel down-after-milliseconds {self.MASTER} 1000\n"
+                f"sentinel failover-timeout {self.MASTER} 10000\n"
+            )
+            # Debian's redis-sentinel, or the same binary in its Sentinel mode.
+            sentinel = shutil.which("redis-sentinel")
+            command = [sentinel] if sentinel else ["redis-server", "--sentinel"]
+            subprocess.run([*command, str(config), "--daemonize", "yes"], check=True)
+        wait_for(self._watching, timeout=deadlines.LOCAL_PROCESS_S * 3, what="sentinels watching")
+        return self
+
+    def sentinel_cli(self, port: int, *args: str) -> str:
+        out = subprocess.run(
+            ["redis-cli", "-p", str(port), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        )
+        return out.stdout.strip()
+
+    def _watching(self) -> bool:
+        # Each Sentinel knows the replica and the two other Sentinels: a failover can run.
+        for port in self.sentinel_ports:
+            info = self.sentinel_cli(port, "INFO", "sentinel")
+            if "slaves=1" not in info or "sentinels=3" not in info:
+                return False
+        return True
+
+    def master_port(self) -> int | None:
+        answer = self.sentinel_cli(
+            self.sentinel_ports[0], "SENTINEL", "get-master-addr-by-name", self.MASTER
+        ).split()
+        return int(answer[1]) if len(answer) == 2 else None
+
+    def cleanup(self) -> None:
+        for port in self.sentinel_ports:
+            with contextlib.suppress(subprocess.SubprocessError):
+                self.sentinel_cli(port, "SHUTDOWN", "NOSAVE")
+        wait_for(
+            lambda: all(not self.sentinel_cli(port, "PING") for port in self.sentinel_ports),
+            timeout=deadlines.LOCAL_PROCESS_S,
+            what="sentinels to stop",
+        )
+        for server in (self.primary, self.replica):
+            server.cleanup()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA and a server certificate it signed (for 127.0.0.1 and localhost)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls_files(directory: Path, name: str = "refundsync-test") -> TlsFiles:
+    """A self-signed CA and a server certificate, made with openssl in `directory`."""
+    ca_key, ca = directory / f"{name}-ca.key", directory / f"{name}-ca.pem"
+    key, csr, cert = directory / f"{name}.key", directory / f"{name}.csr", directory / f"{name}.pem"
+    ext = directory / f"{name}.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    steps = [
+        [
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name} CA",
+            "-keyout",
+            str(ca_key),
+            "-out",
+            str(ca),
+        ],
+        [
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(csr),
+        ],
+        [
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(ca),
+            "-CAkey",
+            str(ca_key),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            str(ext),
+            "-out",
+            str(cert),
+        ],
+    ]
+    for step in steps:
+        subprocess.run(["openssl", *step], check=True, capture_output=True, timeout=60)
+    return TlsFiles(ca, cert, key)
 
 
 @dataclass

@@ -29,12 +29,15 @@ from models.settings import Settings, load_or_exit
 from models.telemetry import share_metrics_between_processes
 from worker.policy import (
     BATCH_LIMIT,
+    JOURNAL_SWEEP_S,
     RESTORE_SCAN_S,
     TASK_TIME_LIMIT_S,
     VISIBILITY_TIMEOUT_S,
 )
 from worker.queue import redis_transport, sqlite_transport
+from worker.queue.connect import celery_broker, refuse_untrusted_redis
 from worker.queue.contract import (
+    JOURNAL_SWEEP_TASK,
     NOTIFY_SWEEP_TASK,
     PENDING_CHECK_TASK,
     PURGE_TASK,
@@ -73,12 +76,17 @@ def create_app(settings: Settings) -> Celery:
     standalone = sqlite_transport.is_standalone(settings.redis_url or "")
     # Tasks are imported when a worker starts, not when a publisher imports the app.
     app = Celery("refundsync", set_as_current=True, include=["worker.tasks"])
+    if standalone:
+        broker = {
+            "broker_url": settings.redis_url,
+            "broker_transport_options": sqlite_transport.TRANSPORT_OPTIONS,
+        }
+    else:
+        # Directly, over TLS or through Sentinel, as REDIS_URL says (worker.queue.connect).
+        broker = celery_broker(settings.broker(), REDIS_TRANSPORT_OPTIONS)
     app.conf.update(
-        broker_url=settings.redis_url,
+        **broker,
         broker_connection_retry_on_startup=True,
-        broker_transport_options=(
-            sqlite_transport.TRANSPORT_OPTIONS if standalone else REDIS_TRANSPORT_OPTIONS
-        ),
         task_default_queue=settings.queue,
         task_serializer="json",
         accept_content=["json"],
@@ -127,6 +135,13 @@ def create_app(settings: Settings) -> Celery:
         "schedule": float(settings.sweep_interval_seconds),
         "options": {"expires": float(settings.sweep_interval_seconds)},
     }
+    if not standalone:
+        # The SQLite queue takes a message and marks it in one transaction: no journal.
+        app.conf.beat_schedule["sweep-journal"] = {
+            "task": JOURNAL_SWEEP_TASK,
+            "schedule": float(JOURNAL_SWEEP_S),
+            "options": {"expires": float(JOURNAL_SWEEP_S)},
+        }
     if settings.dr_api_key is not None:
         # Reconciliation with DR's Events API needs a key; without one it is off
         # (docs/reconciliation.md).
@@ -189,7 +204,7 @@ def _metrics_directory(**_: object) -> None:
 def _require_database(**_: object) -> None:
     # Flower and beat import this app without a database; a worker must not start without
     # one, or it would take messages it cannot record.
-    load_or_exit("REDIS_URL", "DATABASE_URL")
+    refuse_untrusted_redis(load_or_exit("REDIS_URL", "DATABASE_URL"))
 
 
 def _after_fork(**_: object) -> None:

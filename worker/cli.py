@@ -25,6 +25,7 @@ from models.payloads import iso
 from models.settings import Settings, load_settings
 from models.signature import sign as make_signature
 from models.telemetry import share_metrics_between_processes
+from worker.queue.connect import refuse_untrusted_redis
 
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 
@@ -129,7 +130,7 @@ def ingest(
     # would carry it.
     from ingest.server import Limits, serve
 
-    _settings("REDIS_URL", "DATABASE_URL", "DR_WEBHOOK_SECRETS")
+    refuse_untrusted_redis(_settings("REDIS_URL", "DATABASE_URL", "DR_WEBHOOK_SECRETS"))
     share_metrics_between_processes()
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then raises the signal again
     # under the handlers it found: these make that a normal exit, so exit handlers (the
@@ -152,14 +153,14 @@ def ingest(
 )
 @click.pass_context
 def worker(ctx: click.Context) -> None:
-    _settings("REDIS_URL", "DATABASE_URL")
+    refuse_untrusted_redis(_settings("REDIS_URL", "DATABASE_URL"))
     _celery("worker", ctx.args)
 
 
 @main.command(context_settings=PASS_THROUGH, help="Run Celery beat (periodic tasks).")
 @click.pass_context
 def beat(ctx: click.Context) -> None:
-    _settings("REDIS_URL", "DATABASE_URL")
+    refuse_untrusted_redis(_settings("REDIS_URL", "DATABASE_URL"))
     _celery("beat", ctx.args)
 
 

@@ -82,3 +82,8 @@ NOTIFY_LATENCY = Histogram(
     "From a change's commit to its delivery (a 2xx from the receiver)",
     buckets=_AGE_BUCKETS,
 )
+
+JOURNAL_REPUBLISHED = Counter(
+    "refundsync_journal_republished_total",
+    "Events published again from the ingest's journal: accepted, never recorded in Postgres",
+)

@@ -17,6 +17,7 @@ __all__ = [
     "BATCH_LIMIT",
     "DEFERRED",
     "EVENT_FLUSH_S",
+    "JOURNAL_SWEEP_S",
     "MAX_RETRY_COUNTDOWN_S",
     "RESTORE_SCAN_S",
     "TASK_TIME_LIMIT_S",
@@ -40,6 +41,9 @@ TASK_TIME_LIMIT_S = 60
 BATCH_LIMIT = 8
 # How long a task event may wait in the worker before it is published (worker.pool).
 EVENT_FLUSH_S = 0.1
+# How often beat sweeps the ingest's journal (worker.queue.journal): an entry stays about
+# this long after its event is recorded.
+JOURNAL_SWEEP_S = 15
 # Retry countdowns wait in the worker while their message counts as unacknowledged, so the
 # longest one must stay below the visibility timeout or the message would be run twice.
 MAX_RETRY_COUNTDOWN_S = 60

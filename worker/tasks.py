@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,6 +16,7 @@ from models.errors import Deferred, TransientError
 from models.logs import bound
 from worker import notify, processing
 from worker.app import app, settings
+from worker.metrics import JOURNAL_REPUBLISHED
 from worker.policy import (
     DEFERRED,
     MAX_RETRY_COUNTDOWN_S,
@@ -23,8 +25,10 @@ from worker.policy import (
     retry_countdown,
 )
 from worker.pool import PrivateRequest
+from worker.queue import journal
 from worker.queue.contract import (
     APPLY_TASK,
+    JOURNAL_SWEEP_TASK,
     NOTIFY_SWEEP_TASK,
     NOTIFY_TASK,
     PENDING_CHECK_TASK,
@@ -149,6 +153,43 @@ def sweep_stuck_events() -> int:
             extra={"count": count, "older_than_s": settings.stuck_after_seconds},
         )
     return count
+
+
+@app.task(name=JOURNAL_SWEEP_TASK, ignore_result=True)
+def sweep_journal() -> int:
+    """Forget the journal entries of events Postgres recorded; publish again the ones it
+    never recorded (worker.queue.journal)."""
+    engine = processing.engine(settings)
+    publish = sender("journal")
+
+    def recorded(event_ids: list[str]) -> set[str]:
+        with engine.connect() as conn:
+            return ledger.recorded_ids(conn, event_ids)
+
+    def republish(entry: journal.Entry) -> None:
+        received_at = datetime.fromisoformat(entry.received_at)
+        publish(entry.body, entry.event_id, entry.event_type, received_at)
+
+    with app.connection_for_write() as connection:
+        swept = journal.sweep(
+            connection.default_channel.client,
+            journal.JournalKeys(settings.queue),
+            recorded,
+            republish,
+            lambda: time.time() * 1000,
+            settings.journal_grace_seconds,
+        )
+    if swept.republished or swept.unreadable:
+        JOURNAL_REPUBLISHED.inc(swept.republished)
+        log.warning(
+            "journal.republished",
+            extra={
+                "count": swept.republished,
+                "unreadable": swept.unreadable,
+                "older_than_s": settings.journal_grace_seconds,
+            },
+        )
+    return swept.republished
 
 
 # The options of beat's runs against DR's API. Acknowledged on receipt: a run lost with its

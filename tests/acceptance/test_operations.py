@@ -226,6 +226,9 @@ def test_ingest_metrics_add_up_across_its_processes(observed: Observed) -> None:
     assert _metric(url, "refundsync_ingest_seconds_count") == sent + 1
     assert _metric(url, "refundsync_queue_depth") == 0
     assert _metric(url, "refundsync_failed_events") >= 0
+    # No beat runs here to sweep the journal: every accepted event is still in it.
+    assert _metric(url, "refundsync_journal_entries") == len({e["id"] for e in observed.events})
+    assert _metric(url, "refundsync_journal_oldest_entry_age_seconds") > 0
 
 
 def test_state_gauges_move_with_the_database(

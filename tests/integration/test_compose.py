@@ -317,3 +317,89 @@ def test_dockerfile_installs_the_package_and_runs_unprivileged() -> None:
     assert re.search(r"^USER (?!root)\w+", dockerfile, re.MULTILINE)
     for path in ("models", "ingest", "worker", "pyproject.toml"):
         assert path in dockerfile
+
+
+# The Sentinel overlay (docker-compose.sentinel.yml), merged over the services above as
+# `docker compose -f docker-compose.yml -f docker-compose.sentinel.yml` does.
+OVERLAY = yaml.safe_load((ROOT / "docker-compose.sentinel.yml").read_text())
+OVERLAY_SERVICES: dict[str, Any] = OVERLAY["services"]
+
+
+def _overlay_env(service: str) -> dict[str, str]:
+    merged = {**SERVICES[service].get("environment", {})}
+    merged.update(OVERLAY_SERVICES.get(service, {}).get("environment", {}))
+    return {k: _interpolate(str(v)) for k, v in merged.items()}
+
+
+def test_the_sentinel_overlay_adds_a_replica_and_three_sentinels() -> None:
+    assert {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"} <= set(OVERLAY_SERVICES)
+    replica = OVERLAY_SERVICES["redis-replica"]["command"]
+    assert replica[replica.index("--replicaof") + 1 :][:2] == ["redis", "6379"]
+    # The old primary must follow the new one when it comes back.
+    assert "--masterauth" in OVERLAY_SERVICES["redis"]["command"]
+
+
+@pytest.mark.parametrize("service", [s for s in OURS if s != "migrate"])
+def test_with_the_overlay_every_process_reaches_redis_through_the_sentinels(
+    service: str,
+) -> None:
+    from models.brokers import redis_target
+
+    env = _overlay_env(service)
+    target = redis_target(env["REDIS_URL"], env["REDIS_SENTINEL_MASTER"])
+    assert {host for host, _ in target.sentinels} == {"sentinel-1", "sentinel-2", "sentinel-3"}
+    assert target.password == OPERATOR_ENV["REDIS_PASSWORD"]
+    assert target.master == "refundsync"
+    # The ingest acknowledges an event only once the replica has it.
+    if service == "ingest":
+        assert env["REFUNDSYNC_REDIS_MIN_REPLICAS"] == "1"
+
+
+def test_the_overlays_sentinel_configuration_is_accepted_by_redis_sentinel(
+    tmp_path: Path,
+) -> None:
+    # The Sentinel's own start script, run here with its hosts on loopback: a primary on a
+    # free port stands in for `redis`, and redis-sentinel must start monitoring it.
+    primary = support.RedisServer(password=OPERATOR_ENV["REDIS_PASSWORD"]).start()
+    port = support.free_port()
+    script = OVERLAY["x-sentinel"]["command"][2]
+    script = script.replace("$$REDIS_PASSWORD", "$REDIS_PASSWORD")
+    script = script.replace("'port 26379'", f"'port {port}' 'bind 127.0.0.1'")
+    script = script.replace("dir /tmp", f"dir {tmp_path}")
+    script = script.replace("/tmp/sentinel.conf", str(tmp_path / "s.conf"))  # noqa: S108
+    script = script.replace("refundsync redis 6379 2", f"refundsync 127.0.0.1 {primary.port} 1")
+    process = subprocess.Popen(
+        ["sh", "-c", script],
+        env={**os.environ, "REDIS_PASSWORD": OPERATOR_ENV["REDIS_PASSWORD"]},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def monitoring() -> bool:
+            out = subprocess.run(
+                [
+                    *("redis-cli", "-p", str(port)),
+                    *("SENTINEL", "get-master-addr-by-name", "refundsync"),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=10,
+            )
+            return out.stdout.split() == ["127.0.0.1", str(primary.port)]
+
+        support.wait_for(monitoring, timeout=30, what="redis-sentinel monitoring the primary")
+        flags = subprocess.run(
+            ["redis-cli", "-p", str(port), "SENTINEL", "master", "refundsync"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        ).stdout.split()
+        # Authenticated: the Sentinel reached the primary with the password it was given.
+        assert flags[flags.index("flags") + 1] == "master"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        primary.cleanup()

@@ -27,6 +27,7 @@ PENDING_CHECK_TASK = "refunds.check_pending"
 NOTIFY_TASK = "notify.deliver"
 NOTIFY_SWEEP_TASK = "notify.sweep"
 PURGE_TASK = "changes.purge"
+JOURNAL_SWEEP_TASK = "journal.sweep"
 
 _SEAL_VERSION = "v1="
 

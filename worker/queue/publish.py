@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import orjson
@@ -27,14 +29,22 @@ from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
+from models.brokers import RedisTarget, redis_target
 from models.errors import RefundSyncError
+from models.settings import Settings
 from worker.queue import sqlite_transport
+from worker.queue.connect import async_client
 from worker.queue.contract import APPLY_TASK, apply_args, apply_options
+from worker.queue.journal import PUSH_SCRIPT, JournalKeys, State, state_of
 from worker.queue.keys import QueueKeys
 
 # DR gives up on a delivery after 3 s; a broker that has not answered in 2 s is treated as
 # down so DR gets a 503 and retries, rather than a timeout.
 BROKER_TIMEOUT_S = 2.0
+# How long a push waits for REFUNDSYNC_REDIS_MIN_REPLICAS replicas, inside that.
+WAIT_MS = 1000
+# REFUNDSYNC_JOURNAL_MAX_ENTRIES's default.
+DEFAULT_JOURNAL_CAP = 200_000
 
 
 class BrokerUnavailable(RefundSyncError):
@@ -50,6 +60,10 @@ class EventQueue(Protocol):
     async def queue_depth(self) -> int:
         """Messages waiting in the worker queue; raise BrokerUnavailable if it is down."""
 
+    async def journal_state(self) -> State | None:
+        """The journal's size and oldest entry's age (None: this broker keeps none); raise
+        BrokerUnavailable if it is down."""
+
     async def ping(self) -> None:
         """Raise BrokerUnavailable unless the broker answers."""
 
@@ -57,12 +71,22 @@ class EventQueue(Protocol):
         """Release broker connections."""
 
 
-def event_queue(broker_url: str, queue: str, keys: QueueKeys) -> EventQueue:
+def event_queue(
+    settings: Settings, keys: QueueKeys, on_unjournaled: Callable[[int], None] | None = None
+) -> EventQueue:
     """The publisher for this broker: Redis, or the standalone mode's SQLite file. Messages
     are sealed with `keys` (worker.queue.contract)."""
+    broker_url = settings.redis_url or ""
     if sqlite_transport.is_standalone(broker_url):
-        return CeleryPublisher(broker_url, queue, keys)
-    return Publisher(broker_url, queue, keys)
+        return CeleryPublisher(broker_url, settings.queue, keys)
+    return Publisher(
+        settings.broker(),
+        settings.queue,
+        keys,
+        journal_cap=settings.journal_max_entries,
+        min_replicas=settings.redis_min_replicas,
+        on_unjournaled=on_unjournaled,
+    )
 
 
 async def signing_key(keys: QueueKeys) -> bytes:
@@ -77,29 +101,41 @@ async def signing_key(keys: QueueKeys) -> bytes:
 
 
 class Publisher:
-    """Sends raw events to the worker queue. Publishing returns once Redis has the message."""
+    """Sends raw events to the worker queue, each with its journal entry
+    (worker.queue.journal). Publishing returns once Redis has both, and, with
+    `min_replicas`, once that many replicas have them too."""
 
-    def __init__(self, redis_url: str, queue: str, keys: QueueKeys) -> None:
+    def __init__(
+        self,
+        redis_url: str | RedisTarget,
+        queue: str,
+        keys: QueueKeys,
+        *,
+        journal_cap: int = DEFAULT_JOURNAL_CAP,
+        min_replicas: int = 0,
+        on_unjournaled: Callable[[int], None] | None = None,
+    ) -> None:
+        target = redis_url if isinstance(redis_url, RedisTarget) else redis_target(redis_url)
         self.queue = queue
         self._keys = keys
         self._key: bytes | None = None
+        self._journal = JournalKeys(queue)
+        self._journal_cap = journal_cap
+        self._min_replicas = min_replicas
+        self._on_unjournaled = on_unjournaled
         # Only builds the message template; never connects.
         celery = Celery("refundsync-ingest", set_as_current=False)
-        celery.conf.update(broker_url=redis_url, task_serializer="json")
+        celery.conf.update(broker_url=target.url, task_serializer="json")
         template = celery.amqp.as_task_v2(
             "", APPLY_TASK, args=[], kwargs={}, **apply_options("", "")
         )
         self._headers: dict[str, Any] = dict(template.headers)
         self._properties: dict[str, Any] = dict(template.properties)
         self._embed = template.body[2]
-        self._waiting: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._waiting: list[tuple[tuple[bytes, str], asyncio.Future[None]]] = []
         self._pusher: asyncio.Task[None] | None = None
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            redis_url,
-            socket_timeout=BROKER_TIMEOUT_S,
-            socket_connect_timeout=BROKER_TIMEOUT_S,
-            health_check_interval=30,
-        )
+        self._redis: aioredis.Redis = async_client(target, BROKER_TIMEOUT_S)
+        self._script = self._redis.register_script(PUSH_SCRIPT)
 
     def message(
         self, key: bytes, body: str, event_id: str, event_type: str, received_at: str
@@ -138,7 +174,7 @@ class Publisher:
             self._key = await signing_key(self._keys)
         message = self.message(self._key, body, event_id, event_type, received_at)
         taken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((message, taken))
+        self._waiting.append(((message, event_id), taken))
         if self._pusher is None or self._pusher.done():
             self._pusher = asyncio.create_task(self._push())
         try:
@@ -153,13 +189,15 @@ class Publisher:
             raise BrokerUnavailable(f"the broker did not answer in {BROKER_TIMEOUT_S} s") from None
 
     async def _push(self) -> None:
-        """Push everything waiting, batch after batch, one LPUSH in flight at a time."""
+        """Push everything waiting, batch after batch, one script in flight at a time."""
         while self._waiting:
             batch, self._waiting = self._waiting, []
             failure: BrokerUnavailable | None = BrokerUnavailable("the push did not finish")
             try:
-                await self._redis.lpush(self.queue, *(message for message, _ in batch))
+                await self._send([part for parts, _ in batch for part in parts])
                 failure = None
+            except BrokerUnavailable as exc:
+                failure = exc
             except (RedisError, OSError) as exc:
                 failure = BrokerUnavailable(f"broker unreachable: {type(exc).__name__}")
             finally:
@@ -171,6 +209,39 @@ class Publisher:
                         taken.set_result(None)
                     else:
                         taken.set_exception(failure)
+
+    async def _send(self, parts: list[bytes | str]) -> None:
+        """Run the journal's push script for these (message, event id) pairs; with
+        min_replicas, in one pipeline with a WAIT on the same connection."""
+        args: list[bytes | str | int] = [int(time.time() * 1000), self._journal_cap, *parts]
+        keys = self._journal.script_keys()
+        if not self._min_replicas:
+            skipped = await self._script(keys=keys, args=args)
+        else:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                await self._script(keys=keys, args=args, client=pipe)
+                pipe.execute_command("WAIT", self._min_replicas, WAIT_MS)
+                skipped, replicas = await pipe.execute()
+            if int(replicas) < self._min_replicas:
+                # Queued on the primary, but a failover now could lose it: DR is asked to
+                # send it again (a copy the workers deduplicate) rather than told it is kept.
+                raise BrokerUnavailable(
+                    f"{replicas} of {self._min_replicas} Redis replicas confirmed the event"
+                )
+        if int(skipped) and self._on_unjournaled is not None:
+            self._on_unjournaled(int(skipped))
+
+    async def journal_state(self) -> State:
+        """The journal's size and oldest entry's age; raise BrokerUnavailable if Redis is
+        down."""
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.zcard(self._journal.times)
+                pipe.zrange(self._journal.times, 0, 0, withscores=True)
+                size, oldest = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"broker unreachable: {type(exc).__name__}") from exc
+        return state_of(int(size), oldest, time.time() * 1000)
 
     async def queue_depth(self) -> int:
         """Messages waiting in the worker queue; raise BrokerUnavailable if Redis is down."""
@@ -242,6 +313,11 @@ class CeleryPublisher:
             return await asyncio.to_thread(self._depth)
         except (KombuError, SQLAlchemyError, OSError) as exc:
             raise BrokerUnavailable(f"broker unavailable: {type(exc).__name__}") from exc
+
+    async def journal_state(self) -> State | None:
+        """None: a message in the SQLite queue is taken and marked in one transaction, so
+        no window needs a journal."""
+        return None
 
     async def ping(self) -> None:
         """Raise BrokerUnavailable unless the broker answers."""

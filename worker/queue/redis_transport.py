@@ -8,8 +8,8 @@ ingest queued an event, kombu drops the message: it is in no Redis key and the w
 discards it with the broken connection. Here the worker keeps such a message and puts it
 back on its queue, marked redelivered, as soon as it has a connection again.
 
-A worker killed between the two commands still loses its message; only reconciliation
-with DR's Events API brings that event back (docs/reliability.md).
+A worker killed between the two commands still loses its message; the ingest's journal
+publishes that event again (worker.queue.journal, docs/reliability.md).
 
 When Celery loses the connection it drops the transport, but a channel can outlive it:
 a task that finishes afterwards still acknowledges through it. If the channel has to make
@@ -97,7 +97,18 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The channel above, finding its Redis through Sentinel (kombu's SentinelChannel
+    makes the connection pools)."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
 def register() -> None:
-    """Serve `redis://` and `rediss://` broker URLs with this transport in this process."""
+    """Serve `redis://`, `rediss://` and `sentinel://` broker URLs with these transports in
+    this process."""
     for scheme in ("redis", "rediss"):
         TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+    TRANSPORT_ALIASES["sentinel"] = f"{__name__}:SentinelTransport"
