@@ -173,3 +173,14 @@ def _dumps(value: Any) -> str:
     import json
 
     return json.dumps(value)
+
+
+def histories(seed: int, orders: int, per_order: int, prefix: str) -> list[dict[str, Any]]:
+    """The events of `orders` orders of about `per_order` events each, order by order, each
+    order id `prefix` and a random part (so runs never share an order)."""
+    rng = random.Random(seed)
+    return [
+        event
+        for n in range(orders)
+        for event in order_history(rng, f"{prefix}-{n}-{uuid.uuid4().hex[:6]}", per_order)
+    ]

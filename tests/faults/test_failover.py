@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,12 +57,7 @@ def _lost_in_failover(
 def _run(
     database: support.Database, group: support.SentinelGroup, tmp_path: Path, min_replicas: int
 ) -> None:
-    rng = random.Random(min_replicas)
-    events = [
-        event
-        for n in range(60)
-        for event in eventgen.order_history(rng, f"fo{min_replicas}-{n}-{uuid.uuid4().hex[:6]}", 10)
-    ]
+    events = eventgen.histories(min_replicas, 60, 10, f"fo{min_replicas}")
     env = support.service_env(
         database.url, group.url, REFUNDSYNC_REDIS_MIN_REPLICAS=str(min_replicas)
     )

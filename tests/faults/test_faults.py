@@ -72,15 +72,6 @@ def rig(cluster: support.PostgresCluster, request: pytest.FixtureRequest) -> Ite
         redis.cleanup()
 
 
-def _events(seed: int, orders: int, per_order: int, prefix: str) -> list[dict[str, Any]]:
-    rng = random.Random(seed)
-    return [
-        event
-        for n in range(orders)
-        for event in eventgen.order_history(rng, f"{prefix}-{n}-{uuid.uuid4().hex[:6]}", per_order)
-    ]
-
-
 def _check(
     rig: Rig,
     events: list[dict[str, Any]],
@@ -116,7 +107,7 @@ def _pool_children(process: support.Process) -> list[int]:
 def test_pool_processes_sigkilled_every_half_second(rig: Rig) -> None:
     # Enough events for a drain of well over 5 kills: each kill takes down the up to
     # BATCH_LIMIT messages its process was applying together (worker.pool).
-    events = _events(1, 2000, 10, "pk")
+    events = eventgen.histories(1, 2000, 10, "pk")
     assert len(events) == 20000
     support.publish_all(rig.redis.url, rig.db_url, [json.dumps(e).encode() for e in events])
     worker = rig.worker("pk", 2)
@@ -138,7 +129,7 @@ def test_pool_processes_sigkilled_every_half_second(rig: Rig) -> None:
 
 @pytest.mark.timeout(deadlines.APPLY_S + deadlines.RECOVERY_S)
 def test_whole_worker_sigkilled_holding_messages_recovers_within_5_minutes(rig: Rig) -> None:
-    events = _events(2, 100, 10, "wk")
+    events = eventgen.histories(2, 100, 10, "wk")
     # Every fifth event comes twice, as DR sends duplicates: some copies of each kind are
     # among what the worker holds when it dies.
     bodies = [json.dumps(e).encode() for n, e in enumerate(events) for _ in range(2 - bool(n % 5))]
@@ -226,7 +217,7 @@ def _stop_and_restart_workers(
     """Stream 2,000 events through an ingest to two workers while `stop` ends a random
     worker at a random instant, STOPS times, each restarted at once; beat runs throughout
     and DR_API_KEY is unset (no reconciliation). Every event must be applied exactly once."""
-    events = _events(seed, 200, 10, scenario[:2])
+    events = eventgen.histories(seed, 200, 10, scenario[:2])
     assert "DR_API_KEY" not in rig.env
     ingest, base = support.start_ingest(rig.env)
     rig.processes.append(ingest)
@@ -293,7 +284,7 @@ def test_busy_workers_stopped_warm_20_times_lose_nothing(rig: Rig, tmp_path: Pat
 def test_postgres_stopped_for_20_seconds_mid_run(
     rig: Rig, cluster: support.PostgresCluster
 ) -> None:
-    events = _events(3, 200, 10, "pg")
+    events = eventgen.histories(3, 200, 10, "pg")
     support.publish_all(rig.redis.url, rig.db_url, [json.dumps(e).encode() for e in events])
     rig.worker("pg", 2)
     ids = [str(e["id"]) for e in events]
@@ -313,7 +304,7 @@ def test_postgres_stopped_for_20_seconds_mid_run(
 
 @pytest.mark.timeout(deadlines.APPLY_S + deadlines.RECOVERY_S)
 def test_redis_restarted_mid_run_ingest_503s_and_sender_retries(rig: Rig) -> None:
-    events = _events(4, 100, 10, "rd")
+    events = eventgen.histories(4, 100, 10, "rd")
     ingest, base = support.start_ingest(rig.env)
     rig.processes.append(ingest)
     rig.worker("rd", 2)
@@ -341,7 +332,7 @@ def test_redis_restarted_mid_run_ingest_503s_and_sender_retries(rig: Rig) -> Non
 
 
 def test_poison_event_is_quarantined_and_others_flow(rig: Rig) -> None:
-    events = _events(5, 20, 10, "po")
+    events = eventgen.histories(5, 20, 10, "po")
     poison: dict[str, Any] = {
         "id": str(uuid.uuid4()),
         "type": "refund.pending",

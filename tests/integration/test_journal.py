@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 import uuid
 from collections.abc import Iterator
@@ -152,12 +151,7 @@ def test_a_sweep_forgets_recorded_events_and_republishes_lost_ones(
 def test_events_whose_messages_were_lost_are_applied_from_the_journal(
     database: support.Database, server: support.RedisServer, tmp_path: Any
 ) -> None:
-    rng = random.Random(19)
-    events = [
-        event
-        for n in range(6)
-        for event in eventgen.order_history(rng, f"jr-{n}-{uuid.uuid4().hex[:6]}", 5)
-    ]
+    events = eventgen.histories(19, 6, 5, "jr")
     support.publish_all(server.url, database.url, [json.dumps(e).encode() for e in events])
     # A third of the messages taken off the queue and gone, as by workers killed between
     # kombu's BRPOP and its note of them as unacknowledged.

@@ -23,41 +23,39 @@ def _timeouts(timeout: float) -> dict[str, Any]:
     return {"socket_timeout": timeout, "socket_connect_timeout": timeout}
 
 
-def async_client(target: RedisTarget, timeout: float) -> aioredis.Redis:
-    """An asyncio client of the master; through Sentinel, one that asks the Sentinels
-    again for the master whenever its connection fails (after a failover)."""
+def _client(
+    target: RedisTarget, timeout: float, sentinel_class: Any, client_class: Any, **extra: Any
+) -> Any:
     if target.sentinel:
-        sentinel = AsyncSentinel(
+        sentinel = sentinel_class(
             list(target.sentinels),
             sentinel_kwargs=_timeouts(timeout),
             **_timeouts(timeout),
             **target.connection_kwargs(),
         )
-        master: aioredis.Redis = sentinel.master_for(target.master)
-        return master
-    return aioredis.Redis(
+        return sentinel.master_for(target.master)
+    return client_class(
         host=target.host,
         port=target.port,
-        health_check_interval=30,
+        **extra,
         **_timeouts(timeout),
         **target.connection_kwargs(),
     )
 
 
+def async_client(target: RedisTarget, timeout: float) -> aioredis.Redis:
+    """An asyncio client of the master; through Sentinel, one that asks the Sentinels
+    again for the master whenever its connection fails (after a failover)."""
+    client: aioredis.Redis = _client(
+        target, timeout, AsyncSentinel, aioredis.Redis, health_check_interval=30
+    )
+    return client
+
+
 def sync_client(target: RedisTarget, timeout: float) -> redis.Redis:
     """A synchronous client of the master (see async_client)."""
-    if target.sentinel:
-        sentinel = Sentinel(
-            list(target.sentinels),
-            sentinel_kwargs=_timeouts(timeout),
-            **_timeouts(timeout),
-            **target.connection_kwargs(),
-        )
-        client: redis.Redis = sentinel.master_for(target.master)
-        return client
-    return redis.Redis(
-        host=target.host, port=target.port, **_timeouts(timeout), **target.connection_kwargs()
-    )
+    client: redis.Redis = _client(target, timeout, Sentinel, redis.Redis)
+    return client
 
 
 def celery_broker(target: RedisTarget, transport_options: dict[str, Any]) -> dict[str, Any]:
