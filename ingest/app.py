@@ -14,10 +14,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ingest import reads, webhook
+from ingest.console import console_app
 from ingest.metrics import JOURNAL_UNREADABLE, StateCollector, exposition, journal_full
 from ingest.reads import ReadDatabase
 from ingest.responses import error, ok
@@ -104,8 +105,10 @@ def create_app(settings: Settings) -> ASGIApp:
         await app.state.publisher.close()
         app.state.db.dispose()
 
+    console = console_app(settings, read_db, publisher)
     app = Starlette(
         routes=[
+            *([Mount("/console", app=console)] if console is not None else []),
             Route(WEBHOOK_PATH, endpoint, methods=["POST"]),
             Route("/orders", reads.find_orders, methods=["GET"]),
             Route("/orders/{order_id:path}", reads.get_order, methods=["GET"]),

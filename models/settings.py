@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     notify_backoff_max_seconds: int = Field(
         default=3600, ge=1, alias="REFUNDSYNC_NOTIFY_BACKOFF_MAX_SECONDS"
     )
+    console_password: SecretStr | None = Field(default=None, alias="REFUNDSYNC_CONSOLE_PASSWORD")
     redis_sentinel_master: str = Field(
         default="mymaster", min_length=1, alias="REDIS_SENTINEL_MASTER"
     )
@@ -78,7 +79,13 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "redis_url", "api_token", "dr_api_key", "notify_url", "notify_secret", mode="before"
+        "redis_url",
+        "api_token",
+        "dr_api_key",
+        "notify_url",
+        "notify_secret",
+        "console_password",
+        mode="before",
     )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:

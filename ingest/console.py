@@ -1,0 +1,268 @@
+"""The operator console under `/console`: search an order, read its life as a timeline, list
+failed events, see the service's health. Off unless `REFUNDSYNC_CONSOLE_PASSWORD` is set.
+
+Server-rendered (Jinja2 templates, no script). One shared password; a login gives a
+session in a cookie signed with a key derived from that password (so changing the password
+ends every session), `HttpOnly`, `Secure`, `SameSite=Strict`, scoped to `/console`, that
+ends after SESSION_S idle or SESSION_S after the login, whichever comes first. Every form
+carries the session's CSRF token, and a POST without it is refused with 403. Wrong
+passwords are slowed down per client address: after FREE_FAILURES, each further attempt is
+refused (429) for a time that doubles, up to LOCKOUT_MAX_S.
+
+No page shows a payload: events are shown by id, type, times, outcome and error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+from starlette.templating import Jinja2Templates
+
+from models import console
+from models.settings import Settings
+from models.views import event_records
+from worker.queue.publish import BrokerUnavailable, EventQueue
+
+# How long a session lasts, idle or not.
+SESSION_S = 8 * 3600
+# Wrong passwords a client address may try before it is slowed down.
+FREE_FAILURES = 5
+# The longest a client address waits before its next attempt.
+LOCKOUT_MAX_S = 300
+COOKIE = "refundsync_console"
+FAILED_LIMIT = 200
+
+_templates = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
+
+
+@dataclass
+class _Failures:
+    count: int = 0
+    blocked_until: float = 0.0
+
+
+class Throttle:
+    """Wrong-password attempts per client address, in this process."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, _Failures] = {}
+
+    def wait_s(self, client: str) -> float:
+        """Seconds before `client` may try again (0: now)."""
+        failures = self._seen.get(client)
+        return 0.0 if failures is None else max(0.0, failures.blocked_until - time.monotonic())
+
+    def failed(self, client: str) -> None:
+        failures = self._seen.setdefault(client, _Failures())
+        failures.count += 1
+        if failures.count > FREE_FAILURES:
+            wait = min(2.0 ** (failures.count - FREE_FAILURES), LOCKOUT_MAX_S)
+            failures.blocked_until = time.monotonic() + wait
+
+    def succeeded(self, client: str) -> None:
+        self._seen.pop(client, None)
+
+
+def _session_key(password: str) -> str:
+    return hmac.new(password.encode(), b"refundsync console session", hashlib.sha256).hexdigest()
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def _signed_in(request: Request) -> bool:
+    session = request.session
+    login_at = session.get("login_at")
+    if not session.get("operator") or not isinstance(login_at, (int, float)):
+        return False
+    if time.time() - login_at > SESSION_S:
+        session.clear()
+        return False
+    return True
+
+
+def _csrf(request: Request) -> str:
+    token = request.session.get("csrf")
+    if not isinstance(token, str):
+        token = request.session["csrf"] = secrets.token_urlsafe(32)
+    return token
+
+
+async def _form_with_csrf(request: Request) -> dict[str, Any] | None:
+    """The POSTed form, or None if its CSRF token is not the session's."""
+    form = await request.form()
+    given = form.get("csrf")
+    expected = request.session.get("csrf")
+    if not isinstance(given, str) or not isinstance(expected, str):
+        return None
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        return None
+    return dict(form)
+
+
+def _login_redirect() -> Response:
+    return RedirectResponse("/console/login", status_code=303)
+
+
+def _page(request: Request, template: str, status_code: int = 200, **context: Any) -> Response:
+    context.update(csrf=_csrf(request), signed_in=_signed_in(request))
+    response = _templates.TemplateResponse(request, template, context, status_code=status_code)
+    # Pages carry order data: never cached, never framed.
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'self'; style-src 'self' 'unsafe-inline'"
+    )
+    return response
+
+
+def _forbidden(request: Request) -> Response:
+    return _page(
+        request, "console/error.html", 403, message="The form's CSRF token is missing or wrong."
+    )
+
+
+async def _query(request: Request, fn: Any, *args: Any) -> Any:
+    db = request.app.state.db
+
+    def run() -> Any:
+        with db.engine().connect() as conn:
+            return fn(conn, *args)
+
+    return await run_in_threadpool(run)
+
+
+async def login_form(request: Request) -> Response:
+    if _signed_in(request):
+        return RedirectResponse("/console/", status_code=303)
+    return _page(request, "console/login.html")
+
+
+async def login(request: Request) -> Response:
+    throttle: Throttle = request.app.state.throttle
+    client = _client(request)
+    wait = throttle.wait_s(client)
+    if wait > 0:
+        response = _page(
+            request,
+            "console/login.html",
+            429,
+            error=f"Too many wrong passwords: wait {wait:.0f} s.",
+        )
+        response.headers["Retry-After"] = str(int(wait) + 1)
+        return response
+    form = await _form_with_csrf(request)
+    if form is None:
+        return _forbidden(request)
+    expected: str = request.app.state.password
+    given = str(form.get("password", ""))
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        throttle.failed(client)
+        return _page(request, "console/login.html", 401, error="Wrong password.")
+    throttle.succeeded(client)
+    request.session.clear()
+    # A new token at login: one seen before it (on the login form) is worth nothing now.
+    request.session.update(operator=True, login_at=time.time(), csrf=secrets.token_urlsafe(32))
+    return RedirectResponse("/console/", status_code=303)
+
+
+async def logout(request: Request) -> Response:
+    if not _signed_in(request):
+        return _login_redirect()
+    if await _form_with_csrf(request) is None:
+        return _forbidden(request)
+    request.session.clear()
+    return _login_redirect()
+
+
+async def search_page(request: Request) -> Response:
+    if not _signed_in(request):
+        return _login_redirect()
+    term = request.query_params.get("q", "").strip()[:200]
+    hits = await _query(request, console.search, term) if term else []
+    if len(hits) == 1:
+        return RedirectResponse(f"/console/orders/{hits[0].order_id}", status_code=303)
+    return _page(request, "console/search.html", term=term, hits=hits)
+
+
+async def order_page(request: Request) -> Response:
+    if not _signed_in(request):
+        return _login_redirect()
+    order_id = request.path_params["order_id"]
+    found = await _query(request, console.order_page, order_id)
+    if found is None:
+        return _page(request, "console/error.html", 404, message="No order with this id.")
+    summary, steps = found
+    return _page(request, "console/order.html", summary=summary, steps=steps)
+
+
+async def failed_page(request: Request) -> Response:
+    if not _signed_in(request):
+        return _login_redirect()
+
+    def failed(conn: Any) -> list[dict[str, Any]]:
+        return event_records(conn, outcome="failed", limit=FAILED_LIMIT)
+
+    return _page(request, "console/failed.html", events=await _query(request, failed))
+
+
+async def health_page(request: Request) -> Response:
+    if not _signed_in(request):
+        return _login_redirect()
+    publisher: EventQueue = request.app.state.publisher
+    try:
+        depth: int | None = await publisher.queue_depth()
+        journal = await publisher.journal_state()
+    except BrokerUnavailable:
+        depth, journal = None, None
+    figures = await _query(request, console.health, datetime.now(UTC))
+    return _page(request, "console/health.html", depth=depth, journal=journal, figures=figures)
+
+
+def console_app(settings: Settings, db: Any, publisher: EventQueue) -> Starlette | None:
+    """The console's app (mounted at /console), or None when no password is set."""
+    if settings.console_password is None:
+        return None
+    password = settings.console_password.get_secret_value()
+    app = Starlette(
+        routes=[
+            Route("/", search_page, methods=["GET"]),
+            Route("/login", login_form, methods=["GET"]),
+            Route("/login", login, methods=["POST"]),
+            Route("/logout", logout, methods=["POST"]),
+            Route("/orders/{order_id:path}", order_page, methods=["GET"]),
+            Route("/failed", failed_page, methods=["GET"]),
+            Route("/health", health_page, methods=["GET"]),
+        ],
+        middleware=[
+            Middleware(
+                SessionMiddleware,
+                secret_key=_session_key(password),
+                session_cookie=COOKIE,
+                max_age=SESSION_S,
+                path="/console",
+                same_site="strict",
+                https_only=True,
+            )
+        ],
+    )
+    app.state.password = password
+    app.state.throttle = Throttle()
+    app.state.db = db
+    app.state.publisher = publisher
+    return app

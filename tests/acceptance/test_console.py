@@ -1,0 +1,244 @@
+"""The operator console over HTTP, against a real ingest (with REFUNDSYNC_CONSOLE_PASSWORD)
+and the session's workers: login, search, an order's timeline, failed events, health; and
+its defences: every page and action without a session goes to the login, a forged or
+expired cookie too, a form without its CSRF token gets 403, wrong passwords are slowed
+down, and no page shows what payloads carry about customers."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from itsdangerous import TimestampSigner
+
+from ingest.console import COOKIE, FREE_FAILURES, SESSION_S, _session_key
+from tests import support
+from tests.support import Stack
+
+PASSWORD = "console-test-password"
+PII = ("jsmith123@digitalriver.com", "13806 Bren Road", "wbrown@digitalriver.com")
+
+
+@dataclass
+class Console:
+    base: str
+    order_id: str
+    upstream_id: str
+    events: list[dict[str, Any]]
+    refused_id: str
+
+
+@pytest.fixture(scope="module")
+def console(stack: Stack) -> Iterator[Console]:
+    env = {**stack.env, "REFUNDSYNC_CONSOLE_PASSWORD": PASSWORD}
+    ingest, base = support.start_ingest(env)
+    try:
+        order_id, upstream_id = f"ord-{uuid.uuid4().hex[:10]}", f"up-{uuid.uuid4().hex[:10]}"
+        events = [
+            _published("refund.pending_information.json", orderId=order_id, currency="USD"),
+            _published("order.charge.refund.failed.json", id=order_id, upstreamId=upstream_id),
+        ]
+        refused = _published("order.refunded.json", id=order_id, upstreamId="u" * 10_000)
+        for event in [*events, refused]:
+            assert support.post_event(base, event).status_code == 202
+        support.wait_finished(stack.engine, [e["id"] for e in [*events, refused]])
+        yield Console(base, order_id, upstream_id, events, refused["id"])
+    finally:
+        ingest.stop()
+
+
+def _published(name: str, **obj: Any) -> dict[str, Any]:
+    event: dict[str, Any] = json.loads(support.load_fixture(f"dr_published/{name}"))
+    return {
+        **event,
+        "id": f"evt-{uuid.uuid4().hex}",
+        "data": {"object": {**event["data"]["object"], **obj}},
+    }
+
+
+class Operator:
+    """A browser's part over plain HTTP: the session cookie is Secure, which httpx keeps
+    from http:// URLs, so it is carried by hand."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.cookie: str | None = None
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = kwargs.pop("headers", {})
+        if self.cookie:
+            headers["cookie"] = f"{COOKIE}={self.cookie}"
+        response = httpx.request(
+            method, f"{self.base}{path}", headers=headers, timeout=10, **kwargs
+        )
+        found = re.search(rf"{COOKIE}=([^;]*)", response.headers.get("set-cookie", ""))
+        if found:
+            self.cookie = found.group(1) or None
+        return response
+
+    def csrf(self, path: str = "/console/login") -> str:
+        page = self.request("GET", path)
+        found = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert found, page.text
+        return found.group(1)
+
+    def login(self, password: str = PASSWORD) -> httpx.Response:
+        token = self.csrf()
+        return self.request("POST", "/console/login", data={"csrf": token, "password": password})
+
+
+@pytest.fixture
+def operator(console: Console) -> Operator:
+    signed_in = Operator(console.base)
+    response = signed_in.login()
+    assert (response.status_code, response.headers["location"]) == (303, "/console/")
+    return signed_in
+
+
+PAGES = ["/console/", "/console/failed", "/console/health", "/console/orders/anything"]
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_every_page_without_a_session_goes_to_the_login(console: Console, path: str) -> None:
+    response = Operator(console.base).request("GET", path)
+    assert (response.status_code, response.headers["location"]) == (303, "/console/login")
+
+
+def test_logging_out_without_a_session_goes_to_the_login(console: Console) -> None:
+    response = Operator(console.base).request("POST", "/console/logout", data={"csrf": "x"})
+    assert (response.status_code, response.headers["location"]) == (303, "/console/login")
+
+
+def test_the_session_cookie_is_secure_httponly_strict_and_console_only(console: Console) -> None:
+    anonymous = Operator(console.base)
+    token = anonymous.csrf()
+    response = anonymous.request(
+        "POST", "/console/login", data={"csrf": token, "password": PASSWORD}
+    )
+    cookie = response.headers["set-cookie"].lower()
+    for attribute in ("httponly", "secure", "samesite=strict", "path=/console", "max-age="):
+        assert attribute in cookie, cookie
+
+
+def test_search_finds_an_order_by_each_of_its_ids(console: Console, operator: Operator) -> None:
+    refund_id = console.events[0]["data"]["object"]["id"]
+    for term in (console.order_id, console.upstream_id, console.events[1]["id"], refund_id):
+        response = operator.request("GET", "/console/", params={"q": term})
+        assert response.status_code == 303, term
+        assert response.headers["location"] == f"/console/orders/{console.order_id}"
+    nothing = operator.request("GET", "/console/", params={"q": "no-such-order"})
+    assert nothing.status_code == 200
+    assert 'id="no-match"' in nothing.text
+
+
+def test_the_order_page_shows_the_summary_and_every_event(
+    console: Console, operator: Operator, stack: Stack
+) -> None:
+    page = operator.request("GET", f"/console/orders/{console.order_id}")
+    assert page.status_code == 200
+    summary = stack.api(f"/orders/{console.order_id}").json()
+    assert f'id="refund-status">{summary["refundStatus"]}<' in page.text
+    assert f"{summary['refundedAmount']} {summary['currency']}" in page.text
+    for event_id in [*(e["id"] for e in console.events), console.refused_id]:
+        assert event_id in page.text
+    assert page.headers["cache-control"] == "no-store"
+
+
+def test_the_failed_page_lists_a_failed_event_with_its_reason(
+    console: Console, operator: Operator
+) -> None:
+    page = operator.request("GET", "/console/failed")
+    assert page.status_code == 200
+    row = page.text.split(console.refused_id, 1)[1].split("</tr>", 1)[0]
+    assert 'class="error"' in row
+
+
+def test_the_health_page_shows_the_figures(console: Console, operator: Operator) -> None:
+    page = operator.request("GET", "/console/health")
+    assert page.status_code == 200
+    for label in ("queue depth", "journal entries", "oldest unfinished event", "failed events"):
+        assert label in page.text
+
+
+def test_no_page_shows_customer_data(console: Console, operator: Operator) -> None:
+    paths = [
+        f"/console/orders/{console.order_id}",
+        "/console/failed",
+        f"/console/?q={console.order_id}x",
+    ]
+    for path in paths:
+        text = operator.request("GET", path).text
+        for value in PII:
+            assert value not in text, (path, value)
+
+
+def test_a_form_without_its_csrf_token_is_refused(console: Console, operator: Operator) -> None:
+    assert operator.request("POST", "/console/logout").status_code == 403
+    assert operator.request("POST", "/console/logout", data={"csrf": "forged"}).status_code == 403
+    # Still signed in: the refused logout did nothing.
+    assert operator.request("GET", "/console/health").status_code == 200
+    anonymous = Operator(console.base)
+    anonymous.csrf()
+    refused = anonymous.request("POST", "/console/login", data={"password": PASSWORD})
+    assert refused.status_code == 403
+
+
+def test_logout_ends_the_session(console: Console, operator: Operator) -> None:
+    token = operator.csrf("/console/health")
+    assert operator.request("POST", "/console/logout", data={"csrf": token}).status_code == 303
+    again = operator.request("GET", "/console/health")
+    assert (again.status_code, again.headers["location"]) == (303, "/console/login")
+
+
+def _cookie(session: dict[str, Any], key: str, timestamp: float | None = None) -> str:
+    """A session cookie as Starlette's SessionMiddleware signs it."""
+
+    class At(TimestampSigner):
+        def get_timestamp(self) -> int:
+            return int(timestamp if timestamp is not None else time.time())
+
+    data = base64.b64encode(json.dumps(session).encode())
+    return At(key).sign(data).decode()
+
+
+def test_a_forged_or_expired_cookie_goes_to_the_login(console: Console) -> None:
+    forged = Operator(console.base)
+    session = {"operator": True, "login_at": time.time(), "csrf": "t"}
+    forged.cookie = _cookie(session, "not-the-key")
+    assert forged.request("GET", "/console/health").headers["location"] == "/console/login"
+
+    key = _session_key(PASSWORD)
+    genuine = Operator(console.base)
+    genuine.cookie = _cookie(session, key)
+    assert genuine.request("GET", "/console/health").status_code == 200
+
+    idle = Operator(console.base)
+    idle.cookie = _cookie(session, key, timestamp=time.time() - SESSION_S - 60)
+    assert idle.request("GET", "/console/health").headers["location"] == "/console/login"
+
+    too_old = Operator(console.base)
+    too_old.cookie = _cookie({**session, "login_at": time.time() - SESSION_S - 60}, key)
+    assert too_old.request("GET", "/console/health").headers["location"] == "/console/login"
+
+
+def test_wrong_passwords_are_slowed_down(console: Console) -> None:
+    anonymous = Operator(console.base)
+    codes = [anonymous.login("wrong").status_code for _ in range(20)]
+    assert codes[:FREE_FAILURES] == [401] * FREE_FAILURES
+    assert 429 in codes[FREE_FAILURES:]
+    blocked = anonymous.login(PASSWORD)
+    # Even the right password waits its turn.
+    assert blocked.status_code == 429
+    assert int(blocked.headers["retry-after"]) >= 1
+
+
+def test_without_a_password_there_is_no_console(stack: Stack) -> None:
+    assert httpx.get(f"{stack.base}/console/login", timeout=10).status_code == 404
