@@ -9,7 +9,10 @@ carries the session's CSRF token, and a POST without it is refused with 403. Wro
 passwords are slowed down per client address: after FREE_FAILURES, each further attempt is
 refused (429) for a time that doubles, up to LOCKOUT_MAX_S.
 
-No page shows a payload: events are shown by id, type, times, outcome and error.
+No page shows a payload: events are shown by id, type, times, outcome and error. A
+failed event can be tried in a transaction that is rolled back (the would-be change) and
+replayed, alone or with every failed event of its type, as `refundsync events replay`
+does; a progress page follows the replayed events until they finish.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -32,9 +36,11 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from models import console
+from models import console, ledger
+from models.db import transaction
 from models.settings import Settings
 from models.views import event_records
+from worker import processing
 from worker.queue.publish import BrokerUnavailable, EventQueue
 
 # How long a session lasts, idle or not.
@@ -45,6 +51,8 @@ FREE_FAILURES = 5
 LOCKOUT_MAX_S = 300
 COOKIE = "refundsync_console"
 FAILED_LIMIT = 200
+# Events one "replay all failed of this type" queues at most.
+REPLAY_LIMIT = 1000
 
 _templates = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
 
@@ -218,7 +226,9 @@ async def failed_page(request: Request) -> Response:
     def failed(conn: Any) -> list[dict[str, Any]]:
         return event_records(conn, outcome="failed", limit=FAILED_LIMIT)
 
-    return _page(request, "console/failed.html", events=await _query(request, failed))
+    events = await _query(request, failed)
+    types = sorted({event["type"] for event in events})
+    return _page(request, "console/failed.html", events=events, types=types)
 
 
 async def health_page(request: Request) -> Response:
@@ -232,6 +242,104 @@ async def health_page(request: Request) -> Response:
         depth, journal = None, None
     figures = await _query(request, console.health, datetime.now(UTC))
     return _page(request, "console/health.html", depth=depth, journal=journal, figures=figures)
+
+
+async def _replay(request: Request, events: list[Any]) -> list[str]:
+    """Make each stored event unfinished and publish it again, as `refundsync events
+    replay` does; the ids queued. Requeued first: if publishing fails, the sweeper finds
+    the event unfinished and publishes it later."""
+    settings: Settings = request.app.state.settings
+    publisher: EventQueue = request.app.state.publisher
+    queued: list[str] = []
+    for event in events:
+        if event.unstorable:
+            continue
+
+        def requeue(event_id: str = event.id) -> None:
+            with transaction(processing.engine(settings)) as conn:
+                ledger.requeue(conn, event_id)
+
+        await run_in_threadpool(requeue)
+        await publisher.publish(
+            event.payload, event.id, event.type, event.received_at.isoformat(), "replay"
+        )
+        queued.append(event.id)
+    return queued
+
+
+async def dry_run(request: Request) -> Response:
+    """What replaying one stored event would change now, in a transaction rolled back."""
+    if not _signed_in(request):
+        return _login_redirect()
+    if await _form_with_csrf(request) is None:
+        return _forbidden(request)
+    event_id = request.path_params["event_id"]
+    found = await _query(request, ledger.stored_events, [event_id])
+    if not found:
+        return _page(request, "console/error.html", 404, message="No event with this id.")
+    event = found[0]
+    if event.unstorable:
+        result = None
+    else:
+        result = await run_in_threadpool(processing.preview, request.app.state.settings, event)
+    return _page(request, "console/dry_run.html", event=event, result=result)
+
+
+async def replay_one(request: Request) -> Response:
+    if not _signed_in(request):
+        return _login_redirect()
+    if await _form_with_csrf(request) is None:
+        return _forbidden(request)
+    found = await _query(request, ledger.stored_events, [request.path_params["event_id"]])
+    if not found:
+        return _page(request, "console/error.html", 404, message="No event with this id.")
+    try:
+        queued = await _replay(request, found)
+    except BrokerUnavailable:
+        return _page(request, "console/error.html", 503, message="Redis is unreachable.")
+    return RedirectResponse(f"/console/progress?{_ids_query(queued)}", status_code=303)
+
+
+async def replay_type(request: Request) -> Response:
+    """Replay every failed event of one type (up to REPLAY_LIMIT), oldest first."""
+    if not _signed_in(request):
+        return _login_redirect()
+    form = await _form_with_csrf(request)
+    if form is None:
+        return _forbidden(request)
+    event_type = str(form.get("type", ""))[:255]
+    found = await _query(request, ledger.failed_events, REPLAY_LIMIT, event_type)
+    try:
+        queued = await _replay(request, found)
+    except BrokerUnavailable:
+        return _page(request, "console/error.html", 503, message="Redis is unreachable.")
+    return RedirectResponse(f"/console/progress?{_ids_query(queued)}", status_code=303)
+
+
+def _ids_query(event_ids: list[str]) -> str:
+    return urlencode([("id", event_id) for event_id in event_ids])
+
+
+async def progress(request: Request) -> Response:
+    """How far the replayed events have got: the page reloads itself until all finished."""
+    if not _signed_in(request):
+        return _login_redirect()
+    event_ids = request.query_params.getlist("id")[:REPLAY_LIMIT]
+    found = await _query(request, ledger.outcomes_of, event_ids) if event_ids else {}
+    outcomes = {event_id: outcome.value for event_id, (outcome, _) in found.items()}
+    finished = sum(1 for outcome in outcomes.values() if outcome != "queued")
+    counts: dict[str, int] = {}
+    for outcome in outcomes.values():
+        counts[outcome] = counts.get(outcome, 0) + 1
+    return _page(
+        request,
+        "console/progress.html",
+        total=len(event_ids),
+        finished=finished,
+        counts=sorted(counts.items()),
+        outcomes=outcomes,
+        event_ids=event_ids,
+    )
 
 
 def console_app(settings: Settings, db: Any, publisher: EventQueue) -> Starlette | None:
@@ -248,6 +356,10 @@ def console_app(settings: Settings, db: Any, publisher: EventQueue) -> Starlette
             Route("/orders/{order_id:path}", order_page, methods=["GET"]),
             Route("/failed", failed_page, methods=["GET"]),
             Route("/health", health_page, methods=["GET"]),
+            Route("/events/{event_id:path}/dry-run", dry_run, methods=["POST"]),
+            Route("/events/{event_id:path}/replay", replay_one, methods=["POST"]),
+            Route("/failed/replay", replay_type, methods=["POST"]),
+            Route("/progress", progress, methods=["GET"]),
         ],
         middleware=[
             Middleware(
@@ -262,6 +374,7 @@ def console_app(settings: Settings, db: Any, publisher: EventQueue) -> Starlette
         ],
     )
     app.state.password = password
+    app.state.settings = settings
     app.state.throttle = Throttle()
     app.state.db = db
     app.state.publisher = publisher

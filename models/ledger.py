@@ -348,14 +348,17 @@ def ignored_events(conn: Connection, types: Sequence[str], limit: int) -> list[S
     return [_stored(row) for row in conn.execute(query)]
 
 
-def failed_events(conn: Connection, limit: int) -> list[StoredEvent]:
-    """Failed events, oldest first (the order they are replayed in)."""
+def failed_events(conn: Connection, limit: int, event_type: str | None = None) -> list[StoredEvent]:
+    """Failed events (of one type, if given), oldest first (the order they are replayed
+    in)."""
     query = (
         select(*_STORED_COLUMNS)
         .where(webhook_events.c.outcome == Outcome.FAILED.value)
         .order_by(webhook_events.c.received_at, webhook_events.c.id)
         .limit(limit)
     )
+    if event_type is not None:
+        query = query.where(webhook_events.c.type == event_type)
     return [_stored(row) for row in conn.execute(query)]
 
 

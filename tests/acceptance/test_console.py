@@ -18,9 +18,10 @@ from typing import Any
 import httpx
 import pytest
 from itsdangerous import TimestampSigner
+from sqlalchemy import text
 
 from ingest.console import COOKIE, FREE_FAILURES, SESSION_S, _session_key
-from tests import support
+from tests import factories, support
 from tests.support import Stack
 
 PASSWORD = "console-test-password"
@@ -229,8 +230,16 @@ def test_a_forged_or_expired_cookie_goes_to_the_login(console: Console) -> None:
     assert too_old.request("GET", "/console/health").headers["location"] == "/console/login"
 
 
-def test_wrong_passwords_are_slowed_down(console: Console) -> None:
-    anonymous = Operator(console.base)
+def test_wrong_passwords_are_slowed_down(stack: Stack) -> None:
+    # An ingest of its own: this test's address stays slowed down after it.
+    ingest, base = support.start_ingest({**stack.env, "REFUNDSYNC_CONSOLE_PASSWORD": PASSWORD})
+    try:
+        _slowed_down(Operator(base))
+    finally:
+        ingest.stop()
+
+
+def _slowed_down(anonymous: Operator) -> None:
     codes = [anonymous.login("wrong").status_code for _ in range(20)]
     assert codes[:FREE_FAILURES] == [401] * FREE_FAILURES
     assert 429 in codes[FREE_FAILURES:]
@@ -242,3 +251,80 @@ def test_wrong_passwords_are_slowed_down(console: Console) -> None:
 
 def test_without_a_password_there_is_no_console(stack: Stack) -> None:
     assert httpx.get(f"{stack.base}/console/login", timeout=10).status_code == 404
+
+
+def _failed_for_a_passing_cause(stack: Stack, order_id: str) -> dict[str, Any]:
+    """A valid event recorded as failed for a cause since fixed (the database was gone
+    for every retry), as the worker records one."""
+    event = factories.refund_event(order_id, state="succeeded", amount=12.5)
+    with stack.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO webhook_events (id, type, payload, outcome, attempts, error,"
+                " order_id, received_at, deliveries)"
+                " VALUES (:id, :type, :payload, 'failed', 21, :error, :order_id, now(), 1)"
+            ),
+            {
+                "id": event["id"],
+                "type": event["type"],
+                "payload": json.dumps(event),
+                "error": "database unavailable: gave up after 20 retries",
+                "order_id": order_id,
+            },
+        )
+    return event
+
+
+def test_a_failed_event_is_tried_dry_then_replayed_and_applied(
+    console: Console, operator: Operator, stack: Stack
+) -> None:
+    order_id = f"ord-{uuid.uuid4().hex[:10]}"
+    event = _failed_for_a_passing_cause(stack, order_id)
+    token = operator.csrf("/console/failed")
+    preview = operator.request(
+        "POST", f"/console/events/{event['id']}/dry-run", data={"csrf": token}
+    )
+    assert preview.status_code == 200
+    assert 'id="would-be">applied<' in preview.text
+    # The dry run changed nothing.
+    assert support.outcomes(stack.engine, [event["id"]]) == {event["id"]: "failed"}
+
+    replayed = operator.request(
+        "POST", f"/console/events/{event['id']}/replay", data={"csrf": token}
+    )
+    assert replayed.status_code == 303
+    progress = replayed.headers["location"]
+    assert support.wait_finished(stack.engine, [event["id"]]) == {event["id"]: "applied"}
+    page = operator.request("GET", progress)
+    assert 'id="progress">1 of 1 finished<' in page.text
+    assert stack.api(f"/orders/{order_id}").json()["refundedAmount"] == "12.50"
+
+
+def test_every_failed_event_of_a_type_is_replayed_with_its_progress(
+    console: Console, operator: Operator, stack: Stack
+) -> None:
+    events = [_failed_for_a_passing_cause(stack, f"ord-{uuid.uuid4().hex[:10]}") for _ in range(3)]
+    token = operator.csrf("/console/failed")
+    replayed = operator.request(
+        "POST", "/console/failed/replay", data={"csrf": token, "type": "refund.complete"}
+    )
+    assert replayed.status_code == 303
+    ids = [e["id"] for e in events]
+    for event_id in ids:
+        assert f"id={event_id}" in replayed.headers["location"]
+    assert set(support.wait_finished(stack.engine, ids).values()) == {"applied"}
+    page = operator.request("GET", replayed.headers["location"])
+    assert "finished" in page.text
+    # Once all are finished the page stops reloading itself.
+    finished = re.search(r'id="progress">(\d+) of (\d+) finished', page.text)
+    assert finished
+    assert finished.group(1) == finished.group(2)
+    assert 'http-equiv="refresh"' not in page.text
+
+
+def test_actions_without_a_session_or_a_token(console: Console, operator: Operator) -> None:
+    actions = ["/console/events/x/dry-run", "/console/events/x/replay", "/console/failed/replay"]
+    for path in actions:
+        anonymous = Operator(console.base).request("POST", path, data={"csrf": "x"})
+        assert (anonymous.status_code, anonymous.headers["location"]) == (303, "/console/login")
+        assert operator.request("POST", path, data={"type": "refund.complete"}).status_code == 403

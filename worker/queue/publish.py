@@ -54,8 +54,16 @@ class BrokerUnavailable(RefundSyncError):
 class EventQueue(Protocol):
     """Where the ingest puts raw events for the workers."""
 
-    async def publish(self, body: str, event_id: str, event_type: str, received_at: str) -> None:
-        """Queue one event; raise BrokerUnavailable if the broker did not take it."""
+    async def publish(
+        self,
+        body: str,
+        event_id: str,
+        event_type: str,
+        received_at: str,
+        source: str = "webhook",
+    ) -> None:
+        """Queue one event (received as `source` says); raise BrokerUnavailable if the
+        broker did not take it."""
 
     async def queue_depth(self) -> int:
         """Messages waiting in the worker queue; raise BrokerUnavailable if it is down."""
@@ -138,14 +146,20 @@ class Publisher:
         self._script = self._redis.register_script(PUSH_SCRIPT)
 
     def message(
-        self, key: bytes, body: str, event_id: str, event_type: str, received_at: str
+        self,
+        key: bytes,
+        body: str,
+        event_id: str,
+        event_type: str,
+        received_at: str,
+        source: str = "webhook",
     ) -> bytes:
         """The Redis list entry kombu's Redis transport would write for this task, sealed
         with `key`."""
         task_id = str(uuid.uuid4())
         labels = apply_options(event_id, event_type)
         headers = {**self._headers, **labels, "id": task_id, "root_id": task_id}
-        args = apply_args(key, body, received_at, "webhook")
+        args = apply_args(key, body, received_at, source)
         payload = orjson.dumps([args, {}, self._embed])
         properties: dict[str, Any] = {
             **self._properties,
@@ -167,12 +181,19 @@ class Publisher:
         }
         return orjson.dumps(envelope)
 
-    async def publish(self, body: str, event_id: str, event_type: str, received_at: str) -> None:
-        """Queue one event; raise BrokerUnavailable if Redis did not take it within
-        BROKER_TIMEOUT_S of the call."""
+    async def publish(
+        self,
+        body: str,
+        event_id: str,
+        event_type: str,
+        received_at: str,
+        source: str = "webhook",
+    ) -> None:
+        """Queue one event (received as `source` says); raise BrokerUnavailable if Redis did
+        not take it within BROKER_TIMEOUT_S of the call."""
         if self._key is None:
             self._key = await signing_key(self._keys)
-        message = self.message(self._key, body, event_id, event_type, received_at)
+        message = self.message(self._key, body, event_id, event_type, received_at, source)
         taken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append(((message, event_id), taken))
         if self._pusher is None or self._pusher.done():
@@ -282,12 +303,14 @@ class CeleryPublisher:
         )
         self._lock = threading.Lock()
 
-    def _send(self, body: str, event_id: str, event_type: str, received_at: str) -> None:
+    def _send(
+        self, body: str, event_id: str, event_type: str, received_at: str, source: str
+    ) -> None:
         key = self._keys.signing_key()
         with self._lock:
             self._app.send_task(
                 APPLY_TASK,
-                args=apply_args(key, body, received_at, "webhook"),
+                args=apply_args(key, body, received_at, source),
                 queue=self.queue,
                 **apply_options(event_id, event_type),
             )
@@ -297,13 +320,20 @@ class CeleryPublisher:
             declared = connection.default_channel.queue_declare(queue=self.queue, passive=True)
             return int(declared.message_count)
 
-    async def publish(self, body: str, event_id: str, event_type: str, received_at: str) -> None:
+    async def publish(
+        self,
+        body: str,
+        event_id: str,
+        event_type: str,
+        received_at: str,
+        source: str = "webhook",
+    ) -> None:
         """Queue one event; raise BrokerUnavailable if the broker did not take it.
 
         Not bounded by BROKER_TIMEOUT_S: the SQLite file is local, and a writer waits for
         another's lock rather than for a network."""
         try:
-            await asyncio.to_thread(self._send, body, event_id, event_type, received_at)
+            await asyncio.to_thread(self._send, body, event_id, event_type, received_at, source)
         except (KombuError, SQLAlchemyError, RefundSyncError, OSError) as exc:
             raise BrokerUnavailable(f"broker unavailable: {type(exc).__name__}") from exc
 
