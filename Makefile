@@ -58,5 +58,7 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Installs the Debian packages the tests use when one is missing (.ci/tools).
 test: lint typecheck
+	bash .ci/tools
 	$(BIN)/pytest

@@ -9,19 +9,25 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from itsdangerous import TimestampSigner
+from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
+from selenium.webdriver.chrome.service import Service as ChromeService
+from selenium.webdriver.common.by import By
 from sqlalchemy import text
 
 from ingest.console import COOKIE, FREE_FAILURES, SESSION_S, _session_key
-from tests import factories, support
+from tests import deadlines, factories, support
 from tests.support import Stack
 
 PASSWORD = "console-test-password"
@@ -328,3 +334,103 @@ def test_actions_without_a_session_or_a_token(console: Console, operator: Operat
         anonymous = Operator(console.base).request("POST", path, data={"csrf": "x"})
         assert (anonymous.status_code, anonymous.headers["location"]) == (303, "/console/login")
         assert operator.request("POST", path, data={"type": "refund.complete"}).status_code == 403
+
+
+# Where the browser test leaves its screenshots (one per page), for people to look at;
+# the README's picture of the order page is one of them.
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "build" / "console-screenshots"
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
+    """Debian's headless Chromium, driven through its chromedriver (no downloaded builds)."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1000",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
+        options.add_argument(argument)
+    service = ChromeService(shutil.which("chromedriver") or "/usr/bin/chromedriver")
+    driver = webdriver.Chrome(options=options, service=service)
+    driver.set_page_load_timeout(deadlines.LOCAL_PROCESS_S * 3)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _shot(driver: webdriver.Chrome, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    assert driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
+
+
+def _see(driver: webdriver.Chrome, css: str, text: str, timeout: float = deadlines.APPLY_S) -> None:
+    """Wait until the element `css` on the current page shows `text` (pages that reload
+    themselves included)."""
+
+    def shown() -> bool:
+        try:
+            return text in driver.find_element(By.CSS_SELECTOR, css).text
+        except WebDriverException:
+            return False
+
+    support.wait_for(shown, timeout=timeout, what=f"{css} to show {text!r}")
+
+
+def test_an_operator_finds_an_order_and_replays_a_failed_event_in_a_browser(
+    console: Console, stack: Stack, browser: webdriver.Chrome
+) -> None:
+    # localhost: a browser keeps Secure cookies on http only for it.
+    base = console.base.replace("127.0.0.1", "localhost")
+    browser.get(f"{base}/console/orders/{console.order_id}")
+    # Not signed in: the login page.
+    assert browser.current_url == f"{base}/console/login"
+    _shot(browser, "1-login")
+    browser.find_element(By.NAME, "password").send_keys(PASSWORD)
+    browser.find_element(By.CSS_SELECTOR, "form[action='/console/login'] button").click()
+    _see(browser, "h1", "Find an order")
+    _shot(browser, "2-search")
+
+    browser.find_element(By.NAME, "q").send_keys(console.upstream_id)
+    browser.find_element(By.CSS_SELECTOR, "main form button").click()
+    _see(browser, "h1", f"Order {console.order_id}")
+    timeline = browser.find_element(By.ID, "timeline").text
+    for event in console.events:
+        assert event["id"] in timeline
+    assert "failed" in timeline
+    _shot(browser, "3-order")
+
+    order_id = f"ord-{uuid.uuid4().hex[:10]}"
+    event = _failed_for_a_passing_cause(stack, order_id)
+    browser.get(f"{base}/console/failed")
+    _see(browser, "h1", "Failed events")
+    _shot(browser, "4-failed")
+    row = browser.find_element(By.XPATH, f"//tr[.//code[text()='{event['id']}']]")
+    row.find_element(By.CSS_SELECTOR, "button.dry-run").click()
+    _see(browser, "#would-be", "applied")
+    _shot(browser, "5-dry-run")
+    browser.find_element(By.ID, "replay").click()
+    _see(browser, "#progress", "1 of 1 finished")
+    _shot(browser, "6-replayed")
+
+    browser.get(f"{base}/console/?q={event['id']}")
+    _see(browser, "h1", f"Order {order_id}")
+    assert "applied" in browser.find_element(By.ID, "timeline").text
+    assert browser.find_element(By.ID, "refunded").text == "12.50 USD"
+
+    browser.get(f"{base}/console/health")
+    _see(browser, "#health", "queue depth")
+    _shot(browser, "7-health")
+    page_text = browser.find_element(By.TAG_NAME, "body").text
+    for value in PII:
+        assert value not in page_text
+
+    browser.find_element(By.CSS_SELECTOR, "header form button").click()
+    _see(browser, "h1", "Log in")
+    browser.get(f"{base}/console/health")
+    assert browser.current_url == f"{base}/console/login"
