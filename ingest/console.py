@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -204,7 +204,9 @@ async def search_page(request: Request) -> Response:
     term = request.query_params.get("q", "").strip()[:200]
     hits = await _query(request, console.search, term) if term else []
     if len(hits) == 1:
-        return RedirectResponse(f"/console/orders/{hits[0].order_id}", status_code=303)
+        return RedirectResponse(
+            f"/console/orders/{quote(hits[0].order_id, safe='')}", status_code=303
+        )
     return _page(request, "console/search.html", term=term, hits=hits)
 
 

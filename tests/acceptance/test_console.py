@@ -434,3 +434,10 @@ def test_an_operator_finds_an_order_and_replays_a_failed_event_in_a_browser(
     _see(browser, "h1", "Log in")
     browser.get(f"{base}/console/health")
     assert browser.current_url == f"{base}/console/login"
+
+
+def test_what_an_operator_types_is_shown_escaped(operator: Operator) -> None:
+    page = operator.request("GET", "/console/", params={"q": "<script>alert(1)</script>"})
+    assert page.status_code == 200
+    assert "<script>alert(1)</script>" not in page.text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text

@@ -30,6 +30,7 @@ OPERATOR_ENV = {
     "REFUNDSYNC_API_TOKEN": "token",
     "DR_API_KEY": "sk_test_key",
     "FLOWER_BASIC_AUTH": "op:pw",
+    "REFUNDSYNC_CONSOLE_PASSWORD": "console-pw",
     "REFUNDSYNC_NOTIFY_URL": "https://shop.example.com/hooks/refundsync",
     "REFUNDSYNC_NOTIFY_SECRET": "whsec_c2hvcC1leGFtcGxlLXNlY3JldC0zMmJ5dGVzISE=",
 }
@@ -44,6 +45,7 @@ SECRET_HOLDERS = {
     # The worker runs the reconcile task; beat schedules it only when the key is set.
     "DR_API_KEY": {"worker", "beat"},
     "FLOWER_BASIC_AUTH": {"flower"},
+    "REFUNDSYNC_CONSOLE_PASSWORD": {"ingest"},
     # The workers POST changes; beat's sweep runs on them too.
     "REFUNDSYNC_NOTIFY_SECRET": {"worker"},
 }
