@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from kombu.exceptions import KombuError
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
@@ -41,6 +43,7 @@ from models.db import transaction
 from models.settings import Settings
 from models.views import event_records
 from worker import processing
+from worker.queue.connect import workers_answering
 from worker.queue.publish import BrokerUnavailable, EventQueue
 
 # How long a session lasts, idle or not.
@@ -51,6 +54,8 @@ FREE_FAILURES = 5
 LOCKOUT_MAX_S = 300
 COOKIE = "refundsync_console"
 FAILED_LIMIT = 200
+# How long the health page waits for workers to answer a ping.
+PING_S = 1.0
 # Events one "replay all failed of this type" queues at most.
 REPLAY_LIMIT = 1000
 
@@ -243,7 +248,22 @@ async def health_page(request: Request) -> Response:
     except BrokerUnavailable:
         depth, journal = None, None
     figures = await _query(request, console.health, datetime.now(UTC))
-    return _page(request, "console/health.html", depth=depth, journal=journal, figures=figures)
+    settings: Settings = request.app.state.settings
+    workers: list[str] | None = None
+    if depth is not None and journal is not None:
+        # None in the standalone mode (no journal there, and no remote control either).
+        try:
+            workers = await run_in_threadpool(workers_answering, settings.broker(), PING_S)
+        except (KombuError, RedisError, OSError):
+            workers = None
+    return _page(
+        request,
+        "console/health.html",
+        depth=depth,
+        journal=journal,
+        figures=figures,
+        workers=workers,
+    )
 
 
 async def _replay(request: Request, events: list[Any]) -> list[str]:

@@ -173,6 +173,10 @@ def test_the_health_page_shows_the_figures(console: Console, operator: Operator)
     assert page.status_code == 200
     for label in ("queue depth", "journal entries", "oldest unfinished event", "failed events"):
         assert label in page.text
+    # The session's two workers answer the ping.
+    workers = page.text.split('id="workers">', 1)[1].split("</td>", 1)[0]
+    assert "w1@" in workers
+    assert "w2@" in workers
 
 
 def test_no_page_shows_customer_data(console: Console, operator: Operator) -> None:

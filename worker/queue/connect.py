@@ -9,6 +9,7 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from celery import Celery
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.exceptions import RedisError
 from redis.sentinel import Sentinel
@@ -100,3 +101,15 @@ def refuse_untrusted_redis(settings: Settings) -> None:
         check_tls(settings.broker())
     except ConfigError as exc:
         raise SystemExit(f"refundsync: {exc}") from None
+
+
+def workers_answering(target: RedisTarget, timeout: float = 1.0) -> list[str]:
+    """The names of the Celery workers that answer a ping through this broker within
+    `timeout` (remote control, as `celery inspect ping` and Flower use it)."""
+    app = Celery("refundsync-ping", set_as_current=False)
+    app.conf.update(**celery_broker(target, {}))
+    try:
+        replies = app.control.ping(timeout=timeout)
+    finally:
+        app.close()
+    return sorted(name for reply in replies for name in reply)
