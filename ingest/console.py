@@ -52,6 +52,8 @@ SESSION_S = 8 * 3600
 FREE_FAILURES = 5
 # The longest a client address waits before its next attempt.
 LOCKOUT_MAX_S = 300
+# Client addresses remembered before those no longer blocked are forgotten.
+THROTTLE_ADDRESSES = 10_000
 COOKIE = "refundsync_console"
 FAILED_LIMIT = 200
 # How long the health page waits for workers to answer a ping.
@@ -80,6 +82,11 @@ class Throttle:
         return 0.0 if failures is None else max(0.0, failures.blocked_until - time.monotonic())
 
     def failed(self, client: str) -> None:
+        if len(self._seen) >= THROTTLE_ADDRESSES and client not in self._seen:
+            # Many addresses guessing: forget those no longer waiting, so memory stays
+            # bounded; the ones still blocked stay blocked.
+            now = time.monotonic()
+            self._seen = {k: v for k, v in self._seen.items() if v.blocked_until > now}
         failures = self._seen.setdefault(client, _Failures())
         failures.count += 1
         if failures.count > FREE_FAILURES:
