@@ -97,7 +97,9 @@ class Throttle:
         self._seen.pop(client, None)
 
 
-def _session_key(password: str) -> str:
+def session_key(password: str) -> str:
+    """The key the session cookie is signed with: derived from the password, so changing
+    the password signs everyone out."""
     return hmac.new(password.encode(), b"refundsync console session", hashlib.sha256).hexdigest()
 
 
@@ -393,7 +395,7 @@ def console_app(settings: Settings, db: Any, publisher: EventQueue) -> Starlette
         middleware=[
             Middleware(
                 SessionMiddleware,
-                secret_key=_session_key(password),
+                secret_key=session_key(password),
                 session_cookie=COOKIE,
                 max_age=SESSION_S,
                 path="/console",

@@ -26,7 +26,7 @@ from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.common.by import By
 from sqlalchemy import text
 
-from ingest.console import COOKIE, FREE_FAILURES, SESSION_S, _session_key
+from ingest.console import COOKIE, FREE_FAILURES, SESSION_S, session_key
 from tests import deadlines, factories, support
 from tests.support import Stack
 
@@ -226,7 +226,7 @@ def test_a_forged_or_expired_cookie_goes_to_the_login(console: Console) -> None:
     forged.cookie = _cookie(session, "not-the-key")
     assert forged.request("GET", "/console/health").headers["location"] == "/console/login"
 
-    key = _session_key(PASSWORD)
+    key = session_key(PASSWORD)
     genuine = Operator(console.base)
     genuine.cookie = _cookie(session, key)
     assert genuine.request("GET", "/console/health").status_code == 200
