@@ -177,7 +177,9 @@ def _dumps(value: Any) -> str:
 
 def histories(seed: int, orders: int, per_order: int, prefix: str) -> list[dict[str, Any]]:
     """The events of `orders` orders of about `per_order` events each, order by order, each
-    order id `prefix` and a random part (so runs never share an order)."""
+    order id `prefix` and a random part (so runs never share an order). Event and refund
+    ids come from `seed`: tests that share a database need seeds of their own, or one
+    test's events are taken for copies of another's."""
     rng = random.Random(seed)
     return [
         event

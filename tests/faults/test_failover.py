@@ -57,7 +57,8 @@ def _lost_in_failover(
 def _run(
     database: support.Database, group: support.SentinelGroup, tmp_path: Path, min_replicas: int
 ) -> None:
-    events = eventgen.histories(min_replicas, 60, 10, f"fo{min_replicas}")
+    # Seeds no other test uses: event ids come from them, and the database is the session's.
+    events = eventgen.histories(1910 + min_replicas, 60, 10, f"fo{min_replicas}")
     env = support.service_env(
         database.url, group.url, REFUNDSYNC_REDIS_MIN_REPLICAS=str(min_replicas)
     )
