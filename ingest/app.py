@@ -105,7 +105,7 @@ def create_app(settings: Settings) -> ASGIApp:
         await app.state.publisher.close()
         app.state.db.dispose()
 
-    console = console_app(settings, read_db, publisher)
+    console = console_app(settings, read_db, publisher, keys)
     app = Starlette(
         routes=[
             *([Mount("/console", app=console)] if console is not None else []),

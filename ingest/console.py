@@ -4,7 +4,9 @@ failed events, see the service's health. Off unless `REFUNDSYNC_CONSOLE_PASSWORD
 Server-rendered (Jinja2 templates, no script). One shared password; a login gives a
 session in a cookie signed with a key derived from that password (so changing the password
 ends every session), `HttpOnly`, `Secure`, `SameSite=Strict`, scoped to `/console`, that
-ends after SESSION_S idle or SESSION_S after the login, whichever comes first. Every form
+ends after SESSION_S idle or SESSION_S after the login, whichever comes first. The key
+also depends on the newest queue key (a random secret in Postgres), so a cookie cannot be
+used to try passwords offline. Every form
 carries the session's CSRF token, and a POST without it is refused with 403. Wrong
 passwords are slowed down per client address: after FREE_FAILURES, each further attempt is
 refused (429) for a time that doubles, up to LOCKOUT_MAX_S.
@@ -27,24 +29,28 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+import itsdangerous
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from models import console, ledger
 from models.db import transaction
+from models.errors import RefundSyncError
 from models.settings import Settings
 from models.views import event_records
 from worker import processing
 from worker.queue.connect import workers_answering
-from worker.queue.publish import BrokerUnavailable, EventQueue
+from worker.queue.keys import QueueKeys
+from worker.queue.publish import BrokerUnavailable, EventQueue, signing_key
 
 # How long a session lasts, idle or not.
 SESSION_S = 8 * 3600
@@ -97,10 +103,38 @@ class Throttle:
         self._seen.pop(client, None)
 
 
-def session_key(password: str) -> str:
-    """The key the session cookie is signed with: derived from the password, so changing
-    the password signs everyone out."""
-    return hmac.new(password.encode(), b"refundsync console session", hashlib.sha256).hexdigest()
+def session_key(queue_key: bytes, password: str) -> str:
+    """The key the session cookie is signed with: derived from the newest queue key, a
+    random secret kept in Postgres (so a cookie, which anyone gets from the login form,
+    cannot be used to try passwords offline), and from the password (so changing the
+    password signs everyone out)."""
+    message = b"refundsync console session:" + password.encode()
+    return hmac.new(queue_key, message, hashlib.sha256).hexdigest()
+
+
+class _Sessions(SessionMiddleware):
+    """Starlette's signed-cookie sessions, with the key read from Postgres on the first
+    request (the ingest starts while Postgres is down; until the key can be read, the
+    console answers 503)."""
+
+    def __init__(self, app: ASGIApp, keys: QueueKeys, password: str, **options: Any) -> None:
+        # A random key until the real one is read: nothing is signed or checked with it.
+        super().__init__(app, secret_key=secrets.token_hex(32), **options)
+        self._keys = keys
+        self._password = password
+        self._ready = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._ready and scope["type"] == "http":
+            try:
+                key = await signing_key(self._keys)
+            except BrokerUnavailable:
+                response = PlainTextResponse("the console's key cannot be read yet", 503)
+                await response(scope, receive, send)
+                return
+            self.signer = itsdangerous.TimestampSigner(session_key(key, self._password))
+            self._ready = True
+        await super().__call__(scope, receive, send)
 
 
 def _client(request: Request) -> str:
@@ -175,22 +209,26 @@ async def login_form(request: Request) -> Response:
     return _page(request, "console/login.html")
 
 
+def _slowed(request: Request, wait: float) -> Response:
+    response = _page(
+        request, "console/login.html", 429, error=f"Too many wrong passwords: wait {wait:.0f} s."
+    )
+    response.headers["Retry-After"] = str(int(wait) + 1)
+    return response
+
+
 async def login(request: Request) -> Response:
     throttle: Throttle = request.app.state.throttle
     client = _client(request)
-    wait = throttle.wait_s(client)
-    if wait > 0:
-        response = _page(
-            request,
-            "console/login.html",
-            429,
-            error=f"Too many wrong passwords: wait {wait:.0f} s.",
-        )
-        response.headers["Retry-After"] = str(int(wait) + 1)
-        return response
+    if (wait := throttle.wait_s(client)) > 0:
+        return _slowed(request, wait)
     form = await _form_with_csrf(request)
     if form is None:
         return _forbidden(request)
+    # Again, now that the body is in: requests that waited together on their bodies must
+    # not all pass the check above. Nothing is awaited from here to the count below.
+    if (wait := throttle.wait_s(client)) > 0:
+        return _slowed(request, wait)
     expected: str = request.app.state.password
     given = str(form.get("password", ""))
     if not hmac.compare_digest(given.encode(), expected.encode()):
@@ -275,10 +313,11 @@ async def health_page(request: Request) -> Response:
     )
 
 
-async def _replay(request: Request, events: list[Any]) -> list[str]:
+async def _replay(request: Request, events: list[Any]) -> Response:
     """Make each stored event unfinished and publish it again, as `refundsync events
-    replay` does; the ids queued. Requeued first: if publishing fails, the sweeper finds
-    the event unfinished and publishes it later."""
+    replay` does, then show the replay's progress. Requeued first: if publishing fails,
+    the sweeper finds the event unfinished and publishes it later. If Postgres or Redis
+    fails part-way, the page says how far it got and links the progress of those queued."""
     settings: Settings = request.app.state.settings
     publisher: EventQueue = request.app.state.publisher
     queued: list[str] = []
@@ -290,12 +329,34 @@ async def _replay(request: Request, events: list[Any]) -> list[str]:
             with transaction(processing.engine(settings)) as conn:
                 ledger.requeue(conn, event_id)
 
-        await run_in_threadpool(requeue)
-        await publisher.publish(
-            event.payload, event.id, event.type, event.received_at.isoformat(), "replay"
-        )
+        try:
+            await run_in_threadpool(requeue)
+            await publisher.publish(
+                event.payload, event.id, event.type, event.received_at.isoformat(), "replay"
+            )
+        except (SQLAlchemyError, RefundSyncError) as exc:
+            return _page(
+                request,
+                "console/error.html",
+                503,
+                message=f"Stopped after {len(queued)} of {len(events)} events: {_why(exc)}.",
+                link=f"/console/progress?{_ids_query(queued)}" if queued else None,
+            )
         queued.append(event.id)
-    return queued
+    return RedirectResponse(f"/console/progress?{_ids_query(queued)}", status_code=303)
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, BrokerUnavailable):
+        return "Redis is unreachable"
+    if isinstance(exc, SQLAlchemyError):
+        return f"the database failed ({type(exc).__name__})"
+    return str(exc)
+
+
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    """A page whose reads or dry run met a database or broker failure: 503, not a crash."""
+    return _page(request, "console/error.html", 503, message=f"Not now: {_why(exc)}.")
 
 
 async def dry_run(request: Request) -> Response:
@@ -324,11 +385,7 @@ async def replay_one(request: Request) -> Response:
     found = await _query(request, ledger.stored_events, [request.path_params["event_id"]])
     if not found:
         return _page(request, "console/error.html", 404, message="No event with this id.")
-    try:
-        queued = await _replay(request, found)
-    except BrokerUnavailable:
-        return _page(request, "console/error.html", 503, message="Redis is unreachable.")
-    return RedirectResponse(f"/console/progress?{_ids_query(queued)}", status_code=303)
+    return await _replay(request, found)
 
 
 async def replay_type(request: Request) -> Response:
@@ -340,11 +397,7 @@ async def replay_type(request: Request) -> Response:
         return _forbidden(request)
     event_type = str(form.get("type", ""))[:255]
     found = await _query(request, ledger.failed_events, REPLAY_LIMIT, event_type)
-    try:
-        queued = await _replay(request, found)
-    except BrokerUnavailable:
-        return _page(request, "console/error.html", 503, message="Redis is unreachable.")
-    return RedirectResponse(f"/console/progress?{_ids_query(queued)}", status_code=303)
+    return await _replay(request, found)
 
 
 def _ids_query(event_ids: list[str]) -> str:
@@ -373,7 +426,9 @@ async def progress(request: Request) -> Response:
     )
 
 
-def console_app(settings: Settings, db: Any, publisher: EventQueue) -> Starlette | None:
+def console_app(
+    settings: Settings, db: Any, publisher: EventQueue, keys: QueueKeys
+) -> ASGIApp | None:
     """The console's app (mounted at /console), or None when no password is set."""
     if settings.console_password is None:
         return None
@@ -392,21 +447,20 @@ def console_app(settings: Settings, db: Any, publisher: EventQueue) -> Starlette
             Route("/failed/replay", replay_type, methods=["POST"]),
             Route("/progress", progress, methods=["GET"]),
         ],
-        middleware=[
-            Middleware(
-                SessionMiddleware,
-                secret_key=session_key(password),
-                session_cookie=COOKIE,
-                max_age=SESSION_S,
-                path="/console",
-                same_site="strict",
-                https_only=True,
-            )
-        ],
+        exception_handlers={SQLAlchemyError: _unavailable, RefundSyncError: _unavailable},
     )
     app.state.password = password
     app.state.settings = settings
     app.state.throttle = Throttle()
     app.state.db = db
     app.state.publisher = publisher
-    return app
+    return _Sessions(
+        app,
+        keys,
+        password,
+        session_cookie=COOKIE,
+        max_age=SESSION_S,
+        path="/console",
+        same_site="strict",
+        https_only=True,
+    )

@@ -171,7 +171,7 @@ def sweep_journal() -> int:
         publish(entry.body, entry.event_id, entry.event_type, received_at)
 
     with app.connection_for_write() as connection:
-        swept = journal.sweep(
+        swept = journal.locked_sweep(
             connection.default_channel.client,
             journal.JournalKeys(settings.queue),
             recorded,
@@ -179,6 +179,9 @@ def sweep_journal() -> int:
             lambda: time.time() * 1000,
             settings.journal_grace_seconds,
         )
+    if swept is None:
+        log.info("journal.sweep_skipped", extra={"reason": "another sweep is running"})
+        return 0
     if swept.republished or swept.unreadable:
         JOURNAL_REPUBLISHED.inc(swept.republished)
         log.warning(

@@ -229,13 +229,14 @@ def _cookie(session: dict[str, Any], key: str, timestamp: float | None = None) -
     return At(key).sign(data).decode()
 
 
-def test_a_forged_or_expired_cookie_goes_to_the_login(console: Console) -> None:
+def test_a_forged_or_expired_cookie_goes_to_the_login(console: Console, stack: Stack) -> None:
     forged = Operator(console.base)
     session = {"operator": True, "login_at": time.time(), "csrf": "t"}
-    forged.cookie = _cookie(session, "not-the-key")
+    # Signed with the password alone, as an attacker who guessed it would.
+    forged.cookie = _cookie(session, session_key(PASSWORD.encode(), PASSWORD))
     assert forged.request("GET", "/console/health").headers["location"] == "/console/login"
 
-    key = session_key(PASSWORD)
+    key = session_key(support.queue_keys(stack.db_url).signing_key(), PASSWORD)
     genuine = Operator(console.base)
     genuine.cookie = _cookie(session, key)
     assert genuine.request("GET", "/console/health").status_code == 200

@@ -181,3 +181,40 @@ def test_events_whose_messages_were_lost_are_applied_from_the_journal(
     finally:
         for process in processes:
             process.stop()
+
+
+def test_a_sweep_reads_on_past_a_round_that_ends_inside_one_push(
+    server: support.RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The events of one push share their millisecond; rounds of 3 must not skip the rest.
+    monkeypatch.setattr(journal, "SWEEP_BATCH", 3)
+    keys = journal.JournalKeys(QUEUE)
+    events = _events(8)
+    _publish(server.url, events)
+    client = redis.Redis(port=server.port)
+    old = (time.time() - 600) * 1000
+    client.zadd(keys.times, {event["id"]: old for event in events})
+    swept = journal.sweep(
+        client,
+        keys,
+        lambda ids: set(ids),
+        lambda entry: None,
+        lambda: time.time() * 1000,
+        grace_s=60,
+    )
+    client.close()
+    assert swept.removed == 8
+    assert server.cli("ZCARD", keys.times) == "0"
+
+
+def test_only_one_sweep_runs_at_a_time(server: support.RedisServer) -> None:
+    keys = journal.JournalKeys(QUEUE)
+    client = redis.Redis(port=server.port)
+    args = (lambda ids: set(), lambda entry: None, lambda: time.time() * 1000, 60)
+    client.set(keys.lock, "another sweep", px=60_000)
+    assert journal.locked_sweep(client, keys, *args) is None
+    client.delete(keys.lock)
+    assert journal.locked_sweep(client, keys, *args) == journal.Swept()
+    # Released afterwards.
+    assert client.exists(keys.lock) == 0
+    client.close()

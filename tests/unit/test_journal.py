@@ -49,6 +49,9 @@ def test_an_entry_is_the_ingests_message_and_damaged_ones_are_refused() -> None:
     assert decode("e1", b"not json") is None
     assert decode("e1", b'{"body": "bm90IGpzb24="}') is None
     assert decode("e1", b'{"a": 1}') is None
+    # A received time publishing again could not parse makes the entry unreadable.
+    damaged = publisher.message(b"k" * 32, body, "e1", "refund.complete", "yesterday")
+    assert decode("e1", damaged) is None
 
 
 def test_received_time_is_read_from_the_ingests_message() -> None:

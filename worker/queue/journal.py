@@ -18,6 +18,7 @@ id -> when the entry was written or last published (Unix milliseconds).
 from __future__ import annotations
 
 import base64
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -63,6 +64,10 @@ class JournalKeys:
     def times(self) -> str:
         return f"{self.queue}:journal:at"
 
+    @property
+    def lock(self) -> str:
+        return f"{self.queue}:journal:lock"
+
     def script_keys(self) -> list[str]:
         """KEYS of PUSH_SCRIPT."""
         return [self.queue, self.entries, self.times]
@@ -99,6 +104,12 @@ def decode(event_id: str, raw: bytes | str | None) -> Entry | None:
     except (orjson.JSONDecodeError, ValueError, TypeError, KeyError, IndexError):
         return None
     if not all(isinstance(part, str) for part in (received_at, event_type, body)):
+        return None
+    try:
+        # Publishing again parses it: an entry it cannot parse is unreadable here, not a
+        # failure that would stop every sweep at the same entry.
+        datetime.fromisoformat(received_at)
+    except ValueError:
         return None
     return Entry(event_id, event_type, body, received_at)
 
@@ -156,6 +167,29 @@ SWEEP_BATCH = 5000
 CHECK_AFTER_S = 5.0
 
 
+# How long a sweep may hold the journal's lock: beat starts one every JOURNAL_SWEEP_S, and
+# two at once would publish the same entries twice.
+LOCK_S = 300
+
+
+def locked_sweep(client: Any, keys: JournalKeys, *args: Any, **kwargs: Any) -> Swept | None:
+    """`sweep` under a lock in Redis; None if another sweep holds it."""
+    token = uuid.uuid4().hex
+    if not client.set(keys.lock, token, nx=True, px=LOCK_S * 1000):
+        return None
+    try:
+        return sweep(client, keys, *args, **kwargs)
+    finally:
+        # Released only if still ours (it may have expired and been taken since).
+        client.eval(_RELEASE, 1, keys.lock, token)
+
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 def sweep(
     client: Any,
     keys: JournalKeys,
@@ -170,23 +204,28 @@ def sweep(
     entry published again is stamped with the time, so it waits out the grace period once
     more before the next copy."""
     swept = Swept()
-    after = float("-inf")
+    # Rounds start at the last score read, inclusive: the events of one push share their
+    # millisecond, and a round may end inside them. Entries already read are skipped.
+    after = "-inf"
+    seen: set[str] = set()
     while True:
         now = now_ms()
         read: list[tuple[bytes, float]] = client.zrangebyscore(
             keys.times,
-            f"({after}" if after != float("-inf") else "-inf",
+            after,
             now - CHECK_AFTER_S * 1000,
             start=0,
             num=SWEEP_BATCH,
             withscores=True,
         )
-        if not read:
-            return swept
         entries = [(member.decode(), score) for member, score in read]
-        after = entries[-1][1]
+        fresh = [(event_id, score) for event_id, score in entries if event_id not in seen]
+        if not fresh:
+            return swept
+        seen.update(event_id for event_id, _ in fresh)
+        after = repr(entries[-1][1])
         tail = received_ms(client.lindex(keys.queue, -1))
-        decided = plan(entries, recorded([event_id for event_id, _ in entries]), now, grace_s, tail)
+        decided = plan(fresh, recorded([event_id for event_id, _ in fresh]), now, grace_s, tail)
         if decided.remove:
             _forget(client, keys, decided.remove)
             swept.removed += len(decided.remove)
