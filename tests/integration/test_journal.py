@@ -210,7 +210,7 @@ def test_a_sweep_reads_on_past_a_round_that_ends_inside_one_push(
 def test_only_one_sweep_runs_at_a_time(server: support.RedisServer) -> None:
     keys = journal.JournalKeys(QUEUE)
     client = redis.Redis(port=server.port)
-    args = (lambda ids: set(), lambda entry: None, lambda: time.time() * 1000, 60)
+    args: tuple[Any, ...] = (lambda ids: set(), lambda entry: None, lambda: time.time() * 1000, 60)
     client.set(keys.lock, "another sweep", px=60_000)
     assert journal.locked_sweep(client, keys, *args) is None
     client.delete(keys.lock)
