@@ -42,6 +42,7 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ingest.reads import query
 from models import console, ledger
 from models.db import transaction
 from models.errors import RefundSyncError
@@ -193,16 +194,6 @@ def _forbidden(request: Request) -> Response:
     )
 
 
-async def _query(request: Request, fn: Any, *args: Any) -> Any:
-    db = request.app.state.db
-
-    def run() -> Any:
-        with db.engine().connect() as conn:
-            return fn(conn, *args)
-
-    return await run_in_threadpool(run)
-
-
 async def login_form(request: Request) -> Response:
     if _signed_in(request):
         return RedirectResponse("/console/", status_code=303)
@@ -254,7 +245,7 @@ async def search_page(request: Request) -> Response:
     if not _signed_in(request):
         return _login_redirect()
     term = request.query_params.get("q", "").strip()[:200]
-    hits = await _query(request, console.search, term) if term else []
+    hits = await query(request, console.search, term) if term else []
     if len(hits) == 1:
         return RedirectResponse(
             f"/console/orders/{quote(hits[0].order_id, safe='')}", status_code=303
@@ -266,7 +257,7 @@ async def order_page(request: Request) -> Response:
     if not _signed_in(request):
         return _login_redirect()
     order_id = request.path_params["order_id"]
-    found = await _query(request, console.order_page, order_id)
+    found = await query(request, console.order_page, order_id)
     if found is None:
         return _page(request, "console/error.html", 404, message="No order with this id.")
     summary, steps = found
@@ -276,11 +267,7 @@ async def order_page(request: Request) -> Response:
 async def failed_page(request: Request) -> Response:
     if not _signed_in(request):
         return _login_redirect()
-
-    def failed(conn: Any) -> list[dict[str, Any]]:
-        return event_records(conn, outcome="failed", limit=FAILED_LIMIT)
-
-    events = await _query(request, failed)
+    events = await query(request, event_records, outcome="failed", limit=FAILED_LIMIT)
     types = sorted({event["type"] for event in events})
     return _page(request, "console/failed.html", events=events, types=types)
 
@@ -294,7 +281,7 @@ async def health_page(request: Request) -> Response:
         journal = await publisher.journal_state()
     except BrokerUnavailable:
         depth, journal = None, None
-    figures = await _query(request, console.health, datetime.now(UTC))
+    figures = await query(request, console.health, datetime.now(UTC))
     settings: Settings = request.app.state.settings
     workers: list[str] | None = None
     if depth is not None and journal is not None:
@@ -366,7 +353,7 @@ async def dry_run(request: Request) -> Response:
     if await _form_with_csrf(request) is None:
         return _forbidden(request)
     event_id = request.path_params["event_id"]
-    found = await _query(request, ledger.stored_events, [event_id])
+    found = await query(request, ledger.stored_events, [event_id])
     if not found:
         return _page(request, "console/error.html", 404, message="No event with this id.")
     event = found[0]
@@ -382,7 +369,7 @@ async def replay_one(request: Request) -> Response:
         return _login_redirect()
     if await _form_with_csrf(request) is None:
         return _forbidden(request)
-    found = await _query(request, ledger.stored_events, [request.path_params["event_id"]])
+    found = await query(request, ledger.stored_events, [request.path_params["event_id"]])
     if not found:
         return _page(request, "console/error.html", 404, message="No event with this id.")
     return await _replay(request, found)
@@ -396,7 +383,7 @@ async def replay_type(request: Request) -> Response:
     if form is None:
         return _forbidden(request)
     event_type = str(form.get("type", ""))[:255]
-    found = await _query(request, ledger.failed_events, REPLAY_LIMIT, event_type)
+    found = await query(request, ledger.failed_events, REPLAY_LIMIT, event_type)
     return await _replay(request, found)
 
 
@@ -409,7 +396,7 @@ async def progress(request: Request) -> Response:
     if not _signed_in(request):
         return _login_redirect()
     event_ids = request.query_params.getlist("id")[:REPLAY_LIMIT]
-    found = await _query(request, ledger.outcomes_of, event_ids) if event_ids else {}
+    found = await query(request, ledger.outcomes_of, event_ids) if event_ids else {}
     outcomes = {event_id: outcome.value for event_id, (outcome, _) in found.items()}
     finished = sum(1 for outcome in outcomes.values() if outcome != "queued")
     counts: dict[str, int] = {}

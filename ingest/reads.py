@@ -65,7 +65,10 @@ def _authorized(request: Request) -> bool:
     )
 
 
-async def _query(request: Request, fn: Any, *args: Any, **kwargs: Any) -> Any:
+async def query(request: Request, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """`fn(conn, *args, **kwargs)` on a connection of the app's read database, in a thread
+    (the read routes and the console)."""
+
     def run() -> Any:
         with _engine(request).connect() as conn:
             return fn(conn, *args, **kwargs)
@@ -112,7 +115,7 @@ async def _summary(
     if not could_be_stored_id(key):
         return error(404, "not_found", f"unknown {kind}")
     try:
-        summary = await _query(request, view, key)
+        summary = await query(request, view, key)
     except SQLAlchemyError as exc:
         return _database_error(exc)
     if summary is None:
@@ -130,7 +133,7 @@ async def find_orders(request: Request) -> Response:
     if not could_be_stored_id(upstream_id):
         return ok([])
     try:
-        return ok(await _query(request, views.upstream_summaries, upstream_id))
+        return ok(await query(request, views.upstream_summaries, upstream_id))
     except SQLAlchemyError as exc:
         return _database_error(exc)
 
@@ -143,7 +146,7 @@ async def get_event(request: Request) -> Response:
     if not could_be_stored_id(event_id):
         return error(404, "not_found", "unknown event")
     try:
-        record = await _query(request, views.event_record, event_id)
+        record = await query(request, views.event_record, event_id)
     except SQLAlchemyError as exc:
         return _database_error(exc)
     if record is None:
@@ -166,7 +169,7 @@ async def list_events(request: Request) -> Response:
     if order_id is not None and not could_be_stored_id(order_id):
         return ok([])  # no event names such an order
     try:
-        records = await _query(
+        records = await query(
             request, views.event_records, outcome=outcome, limit=limit, order_id=order_id
         )
     except SQLAlchemyError as exc:
@@ -198,7 +201,7 @@ async def list_changes(request: Request) -> Response:
     raw_after = request.query_params.get("after")
     try:
         after = feed.Cursor.parse(raw_after) if raw_after else None
-        page = await _query(request, feed.read, after, limit)
+        page = await query(request, feed.read, after, limit)
     except feed.InvalidCursor as exc:
         return error(400, "invalid_cursor", str(exc))
     except feed.CursorExpired as exc:
@@ -217,7 +220,7 @@ async def ready(request: Request) -> Response:
     except BrokerUnavailable:
         failed.append("redis")
     try:
-        await _query(request, ledger.ping)
+        await query(request, ledger.ping)
     except SQLAlchemyError:
         failed.append("postgres")
     if failed:
